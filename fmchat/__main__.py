@@ -1,0 +1,3 @@
+from fmchat.cli import main
+
+main()

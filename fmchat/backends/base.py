@@ -1,0 +1,70 @@
+"""The one small protocol every token-level backend implements.
+
+The engine (``fmchat.engine.ChatSession``) owns the conversation and the token ledger; a backend owns
+weights, tokenizer and the KV cache, and answers four questions: how a conversation renders to tokens,
+what the logits after some tokens are (appending them to its cache), how to crop its cache back to a
+prefix, and what it costs (bytes, device). Anything a backend cannot know it reports as ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+ProgressFn = Callable[[str, "float | None"], None]
+
+
+def no_progress(step: str, fraction: float | None = None) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    ctx: int | None = None  # context window cap (tokens); None = the model's own maximum
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How a load went: shown to the user and kept for the README's load-time figures."""
+
+    seconds: float
+    converted: bool  # a GGUF was converted to safetensors during this load
+    weights_dir: str
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # backend name, e.g. "transformers"
+    model_name: str
+    device: str
+    dtype: str
+    ctx_size: int  # context window (tokens)
+    eos_token_ids: frozenset[int]
+    load_report: LoadReport
+
+    def render(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of the chat template applied to ``messages`` with the assistant prompt appended."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` with special tokens removed."""
+
+    def cached_tokens(self) -> int:
+        """Tokens held in the KV cache."""
+
+    def truncate(self, n: int) -> None:
+        """Crop the KV cache to its first ``n`` tokens."""
+
+    def forward(self, ids: Sequence[int]):
+        """Run ``ids`` after the cached tokens, append them to the cache, return next-token logits (1-D)."""
+
+    def seq_lens(self) -> list[int]:
+        """KV-cache fill per batch row (tokens)."""
+
+    def kv_bytes(self) -> int | None: ...
+
+    def weights_bytes(self) -> int | None: ...
+
+    def accelerator_mem_mb(self) -> float | None: ...

@@ -1,0 +1,218 @@
+"""The PyTorch/transformers backend: full introspection of weights, KV cache and memory.
+
+GGUF files are converted once to safetensors in the user cache dir (transformers dequantizes them);
+later loads read the converted copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from fmchat import models
+from fmchat.paths import cache_dir
+
+from .base import LoadOptions, LoadReport, ProgressFn, no_progress
+
+DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
+CONVERTED_MARKER = "fmchat-converted.json"
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}' (use auto, cpu or cuda)")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if dtype not in names:
+        raise ValueError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+    return names[dtype]
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{path.stem}-{digest}"
+
+
+def converted_dir(gguf: Path) -> Path:
+    return cache_dir() / "converted" / _gguf_key(gguf)
+
+
+def _quiet_transformers() -> None:
+    """fmchat reports progress itself: keep transformers' tqdm bars and warnings off the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
+    """Convert a GGUF file to a safetensors model dir in the cache (once); return that dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted_dir(gguf)
+    if (out / CONVERTED_MARKER).is_file():
+        return out
+    progress(f"converting {gguf.name} to safetensors (first load only)", 0.0)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    progress("dequantizing GGUF weights", 0.3)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    progress("writing safetensors", 0.7)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
+    # dequantized tensors with safetensors and the config without the GGUF quantization entry.
+    tmp.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(tmp))
+    model.generation_config.save_pretrained(str(tmp))
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never used
+    progress("conversion done", 1.0)
+    return out
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, source: models.ModelSource, options: LoadOptions = LoadOptions(), progress: ProgressFn = no_progress):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+        t0 = time.perf_counter()
+        _quiet_transformers()
+        self._dev = pick_device(options.device)
+        self._dtype = pick_dtype(options.dtype, self._dev)
+        converted = False
+        if source.kind == "gguf":
+            assert source.path is not None
+            converted = not (converted_dir(source.path) / CONVERTED_MARKER).is_file()
+            weights = convert_gguf(source.path, progress)
+        else:
+            progress(f"locating {source.name}", None)
+            weights = models.local_dir(source)
+        progress("loading tokenizer", None)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(weights))
+        if not self.tokenizer.chat_template:
+            raise models.ModelNotFound(f"model '{source.name}' has no chat template in its tokenizer; fmchat needs a chat model")
+        progress(f"loading weights ({self._dtype_name()}, {self._dev})", None)
+        self.model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=self._dtype, attn_implementation="sdpa")
+        self.model.to(self._dev).eval()
+        self._cache_cls = DynamicCache
+        self.cache = self._new_cache()
+
+        self.model_name = source.name
+        self.device = self._dev
+        self.dtype = self._dtype_name()
+        max_pos = getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
+        self.ctx_size = min(options.ctx, max_pos) if options.ctx else min(DEFAULT_CTX_CAP, max_pos)
+        self.eos_token_ids = frozenset(self._eos_ids())
+        self._weights_bytes = self._count_weights_bytes()
+        self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights))
+        progress("ready", 1.0)
+
+    # ---------------------------------------------------------------- helpers
+    def _dtype_name(self) -> str:
+        return str(self._dtype).removeprefix("torch.")
+
+    def _new_cache(self):
+        return self._cache_cls(config=self.model.config)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    def _count_weights_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    # ---------------------------------------------------------------- protocol
+    def render(self, messages: Sequence[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def cached_tokens(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def truncate(self, n: int) -> None:
+        if n <= 0:
+            self.cache = self._new_cache()
+        else:
+            drop = self.cached_tokens() - n
+            if drop > 0:
+                self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        past = self.cached_tokens()
+        input_ids = torch.tensor([list(ids)], device=self._dev)
+        pos = torch.arange(past, past + len(ids), device=self._dev)
+        out = self.model(
+            input_ids=input_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            cache_position=pos,
+            position_ids=pos.unsqueeze(0),
+            logits_to_keep=1,
+        )
+        return out.logits[0, -1].float()
+
+    def seq_lens(self) -> list[int]:
+        return [self.cached_tokens()]
+
+    def kv_bytes(self) -> int | None:
+        # Count the storage really held (a cropped cache may still hold a larger buffer behind a view).
+        seen, total = set(), 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
+        return total
+
+    def weights_bytes(self) -> int | None:
+        return self._weights_bytes
+
+    def accelerator_mem_mb(self) -> float | None:
+        if self._dev == "cuda":
+            return torch.cuda.memory_allocated() / (1024 * 1024)
+        return None

@@ -1,0 +1,354 @@
+"""fmchat's command line (typer). Commands parse flags, build a session and print what comes back."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fmchat import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="Chat with local language models and see what inference really costs.",
+)
+bench_app = typer.Typer(help="Benchmarks whose numbers the README quotes.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line on stderr, exit code 2."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"fmchat: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+# ---------------------------------------------------------------- shared options
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Alias, local HF dir, .gguf file or hub id.")]
+KvOpt = Annotated[bool, typer.Option("--kv-cache/--no-kv-cache", help="Reuse the KV cache across turns.")]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens per reply.")]
+TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed (reproducible replies).")]
+CtxOpt = Annotated[int | None, typer.Option("--ctx", min=16, help="Context window cap (tokens).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _progress_printer(quiet: bool = False):
+    def progress(step: str, fraction: float | None = None) -> None:
+        if not quiet:
+            typer.echo(f"[fmchat] {step}", err=True)
+
+    return progress
+
+
+def load_session(
+    model,
+    *,
+    kv_cache=True,
+    system=None,
+    max_new_tokens=512,
+    temperature=0.7,
+    top_p=0.95,
+    seed=None,
+    ctx=None,
+    device="auto",
+    dtype="auto",
+    threads=None,
+    quiet=False,
+):
+    """Load a backend and wrap it in a ChatSession, turning user errors into UserError."""
+    from fmchat import backends, models
+    from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
+    from fmchat.engine.session import set_threads
+
+    set_threads(threads)
+    try:
+        backend = backends.load(
+            model, "transformers", backends.LoadOptions(device=device, dtype=dtype, ctx=ctx), _progress_printer(quiet)
+        )
+    except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    r = backend.load_report
+    if not quiet:
+        how = "converted GGUF to safetensors, then loaded" if r.converted else "loaded"
+        typer.echo(
+            f"[fmchat] {how} {backend.model_name} ({backend.name}, {backend.device}, {backend.dtype}) in {r.seconds:.2f} s",
+            err=True,
+        )
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen))
+
+
+def stats_line(stats) -> str:
+    dec = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a tok/s"
+    return (
+        f"[{stats.generated_tokens} tokens · TTFT {stats.ttft_ms:.0f} ms · decode {dec} · "
+        f"prefilled {stats.prefilled_tokens}, reused {stats.reused_tokens} · "
+        f"context {stats.ctx_used}/{stats.ctx_size} tokens · RSS {stats.rss_mb:.0f} MiB"
+        + (" · cancelled" if stats.cancelled else "")
+        + "]"
+    )
+
+
+def read_script(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--script {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--script {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--script {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    turns = data.get("turns") if isinstance(data, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise UserError(f"--script {path}: expected an object with a 'turns' list of strings")
+    return turns
+
+
+# ---------------------------------------------------------------- root: the TUI
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Without a command, fmchat opens the chat app (see 'fmchat chat')."""
+    if version:
+        typer.echo(f"fmchat {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+# ---------------------------------------------------------------- run
+@app.command()
+def run(
+    prompts: Annotated[list[str] | None, typer.Argument(help="User turns of one conversation (else stdin lines).")] = None,
+    model: ModelOpt = None,
+    kv_cache: KvOpt = True,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 512,
+    temperature: TempOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = None,
+    script: Annotated[Path | None, typer.Option("--script", help="JSON file with a 'turns' list.")] = None,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run one conversation headless: each PROMPT (or stdin line, or --script turn) is a user turn."""
+    from fmchat.engine import ContextOverflow, TextDelta, TurnDone
+    from fmchat.text import neutralize
+
+    try:
+        if script is not None:
+            turns = read_script(script)
+        elif prompts:
+            turns = list(prompts)
+        elif not sys.stdin.isatty():
+            turns = [line.rstrip("\r\n") for line in sys.stdin]
+        else:
+            raise UserError("no prompt: pass PROMPT arguments, pipe lines on stdin, or use --script FILE")
+        if not turns:
+            raise UserError("no prompt: the input holds no turns")
+        for i, t in enumerate(turns, 1):
+            if not t.strip():
+                raise UserError(f"turn {i}: empty prompt")
+        session = load_session(
+            model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads,
+        )  # fmt: skip
+    except UserError as exc:
+        raise fail(str(exc)) from None
+
+    for i, text in enumerate(turns, 1):
+        try:
+            for ev in session.turn(text):
+                if isinstance(ev, TextDelta) and not json_out:
+                    sys.stdout.write(neutralize(ev.text))
+                    sys.stdout.flush()
+                elif isinstance(ev, TurnDone):
+                    if json_out:
+                        print(json.dumps({"turn": i, "user": text, "reply": ev.reply, **ev.stats.to_dict()}), flush=True)
+                    else:
+                        sys.stdout.write("\n")
+                        sys.stdout.flush()
+                        typer.echo(stats_line(ev.stats), err=True)
+        except ContextOverflow as exc:
+            raise fail(f"turn {i}: {exc}") from None
+
+
+# ---------------------------------------------------------------- chat (plain REPL)
+REPL_HELP = "/quit  leave · /stats  show the last turn's stats · /reset  new conversation · /help  this line"
+
+
+@app.command()
+def chat(
+    plain: Annotated[bool, typer.Option("--plain", help="Line-mode REPL instead of the full-screen app.")] = False,
+    model: ModelOpt = None,
+    kv_cache: KvOpt = True,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 512,
+    temperature: TempOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    seed: SeedOpt = None,
+    ctx: CtxOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Interactive chat. With --plain, a line-mode REPL: Ctrl+C cancels a reply, /quit leaves."""
+    if not plain:
+        raise fail("the full-screen app is not available yet; use 'fmchat chat --plain'")
+    try:
+        session = load_session(
+            model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads,
+        )  # fmt: skip
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    repl(session)
+
+
+def repl(session) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    from fmchat.engine import ContextOverflow, TextDelta, TurnDone
+    from fmchat.text import neutralize
+
+    out = Console(highlight=False)
+    out.print(Text(f"fmchat · {session.backend.model_name} · {REPL_HELP}", style="dim"))
+    last = None
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            out.print()
+            return
+        except KeyboardInterrupt:
+            out.print(Text("\n(Ctrl+C cancels a reply; /quit or Ctrl+D leaves)", style="dim"))
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit"):
+            return
+        if cmd == "/help":
+            out.print(Text(REPL_HELP, style="dim"))
+            continue
+        if cmd == "/reset":
+            session.reset()
+            last = None
+            out.print(Text("(new conversation)", style="dim"))
+            continue
+        if cmd == "/stats":
+            s = last or session.snapshot_stats()
+            for k, v in s.to_dict().items():
+                out.print(Text(f"  {k}: {v}"))
+            continue
+
+        events: queue.Queue = queue.Queue()
+
+        def worker(text=line):
+            try:
+                for ev in session.turn(text):
+                    events.put(ev)
+            except Exception as exc:  # reported to the user below, the REPL goes on
+                events.put(exc)
+            events.put(None)
+
+        threading.Thread(target=worker, daemon=True).start()
+        out.print(Text("bot> ", style="bold"), end="")
+        while True:
+            try:
+                ev = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                session.cancel()
+                continue
+            if ev is None:
+                break
+            if isinstance(ev, TextDelta):
+                out.print(Text(neutralize(ev.text)), end="")
+            elif isinstance(ev, TurnDone):
+                last = ev.stats
+                out.print()
+                out.print(Text(stats_line(ev.stats), style="dim"))
+            elif isinstance(ev, ContextOverflow):
+                out.print(Text(f"fmchat: {ev}", style="red"))
+            elif isinstance(ev, Exception):
+                out.print(Text(f"fmchat: error: {ev}", style="red"))
+
+
+# ---------------------------------------------------------------- models
+@app.command("models")
+def models_cmd(json_out: JsonOpt = False) -> None:
+    """List model aliases and whether each is available locally."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fmchat import models
+
+    rows = models.availability()
+    if json_out:
+        print(json.dumps([{"alias": a.name, "description": a.description, "hub_id": a.hub_id, "available": ok, "where": where} for a, ok, where in rows]))
+        return
+    table = Table("alias", "model", "available", "where")
+    for a, ok, where in rows:
+        table.add_row(a.name + (" (default)" if a.name == models.DEFAULT_MODEL else ""), a.description, "yes" if ok else "no", where)
+    Console(highlight=False).print(table)
+    typer.echo("--model also takes a local HF directory, a .gguf file, or a hub id (org/name).")
+
+
+# ---------------------------------------------------------------- bench
+@bench_app.command("turns")
+def bench_turns(
+    model: ModelOpt = None,
+    turns: Annotated[int | None, typer.Option("--turns", min=1, help="Use the first N turns of the script.")] = None,
+    script: Annotated[Path | None, typer.Option("--script", help="Conversation JSON (default: the shared bench script).")] = None,
+    max_new_tokens: MaxNewOpt = 128,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a scripted conversation with the KV cache on, then off, in one process; compare TTFT and replies."""
+    from fmchat.bench import bench_turns as run_bench
+    from fmchat.bench import default_script
+
+    try:
+        path = script or default_script()
+        user_turns = read_script(path)[: turns or None]
+        session = load_session(model, max_new_tokens=max_new_tokens, temperature=0.0, seed=0, device=device, dtype=dtype, threads=threads)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    run_bench(session, user_turns, json_out=json_out)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"fmchat: error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Events a turn streams back to whoever drives the session (CLI, TUI, benchmarks).
+
+Data flows one way: caller -> ChatSession -> backend -> model; these events flow back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .stats import TurnStats
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """A model-load step. ``fraction`` is None when the step has no measurable progress."""
+
+    step: str
+    fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """The prompt is rendered and matched against the KV cache; prefill is about to start."""
+
+    turn: int
+    prompt_tokens: int
+    reused_tokens: int
+    prefill_tokens: int
+    ctx_size: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New reply text. ``generated`` counts reply tokens so far; ``elapsed_s`` is since the first token."""
+
+    text: str
+    generated: int
+    ctx_used: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """The turn is over (finished, hit a limit, or cancelled). ``reply`` is the whole reply text."""
+
+    reply: str
+    stats: TurnStats
+
+
+Event = LoadProgress | TurnStarted | TextDelta | TurnDone

@@ -1,0 +1,273 @@
+"""ChatSession: the conversation, its token ledger, and the KV cache that survives turns.
+
+The *ledger* is exactly the token ids held in the backend's KV cache, in order. A turn renders the whole
+conversation with the chat template, keeps the longest common prefix of that rendering and the ledger
+(cropping the cache where they diverge), prefills only the rest, then decodes. Generated tokens enter
+the ledger as they are fed to the model, never re-tokenized from text.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fmchat.backends.base import Backend
+
+from .detok import StreamDecoder
+from .events import Event, TextDelta, TurnDone, TurnStarted
+from .sampling import GenerationConfig, Sampler
+from .stats import TurnStats, peak_rss_mb, rss_mb
+
+PREFILL_CHUNK = 512  # tokens per prefill forward; bounds activation memory and lets cancel act between chunks
+
+
+class EmptyPrompt(ValueError):
+    pass
+
+
+class ContextOverflow(ValueError):
+    """The prompt alone does not fit the context window. The session is left as it was."""
+
+
+class TurnInProgress(RuntimeError):
+    pass
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+    cancelled: bool = False
+    stats: TurnStats | None = None
+    token_ids: list[int] = field(default_factory=list)  # assistant: the generated ids, as sampled
+
+    def as_template(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class SessionConfig:
+    system: str | None = None
+    kv_cache: bool = True
+    ctx: int | None = None  # cap on the context window; None = the backend's
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+class ChatSession:
+    def __init__(self, backend: Backend, config: SessionConfig | None = None):
+        self.backend = backend
+        self.config = config or SessionConfig()
+        self.messages: list[Message] = []
+        self.ledger: list[int] = []
+        self._cancel = threading.Event()
+        self._busy = threading.Lock()
+        self.sampler = Sampler(self.config.gen, device=backend.device)
+        self.backend.truncate(0)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ctx_size(self) -> int:
+        cap = self.config.ctx
+        return min(cap, self.backend.ctx_size) if cap else self.backend.ctx_size
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m.role == "user")
+
+    def template_messages(self, extra_user: str | None = None) -> list[dict]:
+        msgs = []
+        if self.config.system:
+            msgs.append({"role": "system", "content": self.config.system})
+        msgs += [m.as_template() for m in self.messages]
+        if extra_user is not None:
+            msgs.append({"role": "user", "content": extra_user})
+        return msgs
+
+    def reset(self) -> None:
+        """Start a new conversation (same model and settings)."""
+        with self._busy:
+            self.messages.clear()
+            self._set_ledger(0)
+
+    def pop_last_exchange(self) -> str | None:
+        """Remove the last user message and the reply to it; returns that user text (for retry)."""
+        with self._busy:
+            for i in range(len(self.messages) - 1, -1, -1):
+                if self.messages[i].role == "user":
+                    text = self.messages[i].content
+                    del self.messages[i:]
+                    return text
+            return None
+
+    def cancel(self) -> None:
+        """Stop the turn in progress within one token (safe to call from any thread)."""
+        self._cancel.set()
+
+    def _set_ledger(self, n: int) -> None:
+        self.backend.truncate(n)
+        del self.ledger[n:]
+
+    # ------------------------------------------------------------------ a turn
+    def turn(self, user_text: str) -> Iterator[Event]:
+        """Run one turn: yields TurnStarted, TextDelta..., then TurnDone.
+
+        Raises EmptyPrompt or ContextOverflow before anything changes.
+        """
+        if not user_text or not user_text.strip():
+            raise EmptyPrompt("empty prompt")
+        if not self._busy.acquire(blocking=False):
+            raise TurnInProgress("a turn is already running")
+        try:
+            yield from self._turn(user_text)
+        finally:
+            self._busy.release()
+
+    def _turn(self, user_text: str) -> Iterator[Event]:
+        backend, gen = self.backend, self.config.gen
+        ctx_size = self.ctx_size
+        t0 = time.perf_counter()
+        ids = backend.render(self.template_messages(user_text))
+        if len(ids) + 1 > ctx_size:
+            raise ContextOverflow(
+                f"the prompt needs {len(ids)} tokens but the context window is {ctx_size} tokens; "
+                "shorten the message or start a new chat"
+            )
+        self._cancel.clear()
+        turn_no = self.turns + 1
+        self.messages.append(Message("user", user_text))
+
+        if not self.config.kv_cache:
+            self._set_ledger(0)
+        keep = common_prefix(self.ledger, ids)
+        if keep == len(ids):  # everything cached: recompute the last token to get its logits
+            keep -= 1
+        if keep < len(self.ledger):
+            self._set_ledger(keep)
+        todo = ids[keep:]
+        stats = TurnStats(
+            turn=turn_no,
+            prompt_tokens=len(ids),
+            reused_tokens=keep,
+            ctx_size=ctx_size,
+            device=backend.device,
+            dtype=backend.dtype,
+        )
+        decoder = StreamDecoder(backend.decode)
+        finish = ""
+        t_first = t_last = None
+        try:
+            yield TurnStarted(turn_no, len(ids), keep, len(todo), ctx_size)
+            logits = None
+            t_pf0 = time.perf_counter()
+            for start in range(0, len(todo), PREFILL_CHUNK):
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                chunk = todo[start : start + PREFILL_CHUNK]
+                logits = backend.forward(chunk)
+                self.ledger.extend(chunk)
+                stats.prefilled_tokens += len(chunk)
+            t_prefill = time.perf_counter()
+            stats.prefill_tok_s = stats.prefilled_tokens / max(t_prefill - t_pf0, 1e-9) if stats.prefilled_tokens else None
+
+            while not finish:
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                token = int(self.sampler(logits))  # the one host sync per token
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_ms = (now - t0) * 1000
+                t_last = now
+                if token in backend.eos_token_ids:
+                    finish = "stop"
+                    break
+                stats.generated_tokens += 1
+                delta = decoder.push(token)
+                if delta:
+                    yield TextDelta(delta, stats.generated_tokens, len(self.ledger), now - t_first)
+                if stats.generated_tokens >= gen.max_new_tokens:
+                    finish = "length"
+                    break
+                if len(self.ledger) + 1 > ctx_size:
+                    finish = "context"
+                    break
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                logits = backend.forward([token])
+                self.ledger.append(token)
+        except GeneratorExit:
+            # The caller stopped listening: the ledger is consistent at every yield, keep the partial reply.
+            self._record_reply(decoder, stats, "cancelled", t0, t_first, t_last)
+            raise
+        except BaseException:
+            # The cache may be half-updated: drop it rather than trust it; keep the transcript.
+            self._set_ledger(0)
+            self._record_reply(decoder, stats, "error", t0, t_first, t_last)
+            raise
+        finally:
+            self._cancel.clear()
+
+        tail = decoder.flush()
+        if tail:
+            yield TextDelta(tail, stats.generated_tokens, len(self.ledger), (t_last or t0) - (t_first or t0))
+        reply = self._record_reply(decoder, stats, finish, t0, t_first, t_last)
+        yield TurnDone(reply, stats)
+
+    def _record_reply(self, decoder, stats, finish, t0, t_first, t_last) -> str:
+        if t_first is not None and t_last is not None and t_last > t_first:
+            # every token after the first cost one forward step
+            sampled = stats.generated_tokens + (1 if finish == "stop" else 0)
+            stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
+        stats.total_ms = (time.perf_counter() - t0) * 1000
+        stats.finish_reason = finish
+        stats.cancelled = finish in ("cancelled", "error")
+        self._fill_memory_stats(stats)
+        reply = decoder.text()
+        self.messages.append(
+            Message("assistant", reply, cancelled=stats.cancelled, stats=stats, token_ids=list(decoder.ids))
+        )
+        return reply
+    def _fill_memory_stats(self, stats: TurnStats) -> None:
+        b = self.backend
+        stats.ctx_used = len(self.ledger)
+        stats.seq_lens = b.seq_lens()
+        stats.kv_bytes = b.kv_bytes()
+        stats.weights_bytes = b.weights_bytes()
+        stats.rss_mb = round(rss_mb(), 1)
+        stats.peak_rss_mb = round(peak_rss_mb(), 1)
+        stats.gpu_mem_mb = b.accelerator_mem_mb()
+
+    def snapshot_stats(self) -> TurnStats:
+        """Current memory/context figures outside a turn (for panels and /stats)."""
+        s = TurnStats(turn=self.turns, ctx_size=self.ctx_size, device=self.backend.device, dtype=self.backend.dtype)
+        self._fill_memory_stats(s)
+        return s
+
+    def run_turn(self, user_text: str) -> TurnDone:
+        """Run a turn to completion and return its TurnDone (for scripts and tests)."""
+        done = None
+        for ev in self.turn(user_text):
+            if isinstance(ev, TurnDone):
+                done = ev
+        assert done is not None
+        return done
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

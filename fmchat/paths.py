@@ -1,0 +1,23 @@
+"""Where fmchat keeps its files (platformdirs; XDG variables are honoured on Linux)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+
+APP = "fmchat"
+
+
+def cache_dir() -> Path:
+    """Converted models and other rebuildable files."""
+    return Path(platformdirs.user_cache_dir(APP))
+
+
+def config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP))
+
+
+def data_dir() -> Path:
+    """Saved sessions."""
+    return Path(platformdirs.user_data_dir(APP))

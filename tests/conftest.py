@@ -1,0 +1,83 @@
+"""Shared fixtures: isolated user dirs, the default model's tokenizer, and tiny random models built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Isolate every platformdirs location (cache, config, data) for the whole test run, before fmchat is imported.
+_ROOT = Path(os.environ.get("FMCHAT_TEST_HOME") or __import__("tempfile").mkdtemp(prefix="fmchat-tests-"))
+for var, sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
+    os.environ[var] = str(_ROOT / sub)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SCRIPT = REPO.parent / "shared" / "bench" / "conversation.json"
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    from fmchat import models
+
+    src = models.resolve(None)
+    assert src.kind == "gguf" and src.path is not None
+    return src.path
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_gguf):
+    """The real SmolLM2 tokenizer and chat template, read from the shipped GGUF (no weights converted)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+
+
+def build_tiny_model(path: Path, tokenizer, arch: str = "llama", seed: int = 0, chat_template: str | None = None) -> Path:
+    """A 2-layer random model with the real tokenizer, saved as an HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # wider than the default so greedy logits are not all near-ties
+    )
+    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smol_tokenizer) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
+    return {arch: build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), smol_tokenizer, arch) for arch in ("llama", "phi3", "qwen2")}
+
+
+def make_session(model_dir, *, kv_cache=True, max_new_tokens=12, temperature=0.0, dtype="float32", ctx=None, system=None, seed=0):
+    from fmchat import backends
+    from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
+
+    backend = backends.load(str(model_dir), options=backends.LoadOptions(device="cpu", dtype=dtype, ctx=ctx))
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen))
