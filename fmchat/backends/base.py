@@ -24,6 +24,7 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     ctx: int | None = None  # context window cap (tokens); None = the model's own maximum
+    kernel: str = "sdpa"  # attention implementation: sdpa | eager
 
 
 @dataclass(frozen=True)

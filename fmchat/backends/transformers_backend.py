@@ -24,6 +24,7 @@ from .base import LoadOptions, LoadReport, ProgressFn, no_progress
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
 CONVERTED_MARKER = "fmchat-converted.json"
+KERNELS = ("sdpa", "eager")  # transformers' own attention implementations
 
 
 def pick_device(device: str) -> str:
@@ -120,7 +121,12 @@ class TransformersBackend:
         if not self.tokenizer.chat_template:
             raise models.ModelNotFound(f"model '{source.name}' has no chat template in its tokenizer; fmchat needs a chat model")
         progress(f"loading weights ({self._dtype_name()}, {self._dev})", None)
-        self.model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=self._dtype, attn_implementation="sdpa")
+        if options.kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel '{options.kernel}' (available: {', '.join(KERNELS)})")
+        self.kernel = options.kernel
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(weights), dtype=self._dtype, attn_implementation=options.kernel
+        )
         self.model.to(self._dev).eval()
         self._cache_cls = DynamicCache
         self.cache = self._new_cache()

@@ -111,6 +111,23 @@ class ChatSession:
                     return text
             return None
 
+    def replace_backend(self, backend: Backend) -> None:
+        """Carry the conversation over to another backend (new model, dtype, kernel...).
+
+        The new backend's cache starts empty; the next turn rebuilds it from the transcript.
+        """
+        with self._busy:
+            self.backend = backend
+            self.ledger.clear()
+            backend.truncate(0)
+            self.sampler = Sampler(self.config.gen, device=backend.device)
+
+    def set_generation(self, gen: GenerationConfig) -> None:
+        """New sampling settings, effective from the next turn (a new seed restarts the sampler)."""
+        with self._busy:
+            self.config.gen = gen
+            self.sampler = Sampler(gen, device=self.backend.device)
+
     def cancel(self) -> None:
         """Stop the turn in progress within one token (safe to call from any thread)."""
         self._cancel.set()
