@@ -345,6 +345,24 @@ def bench_turns(
     run_bench(session, user_turns, json_out=json_out)
 
 
+@bench_app.command("load")
+def bench_load_cmd(
+    model: ModelOpt = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Later loads to time.")] = 2,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Time the first load (with GGUF conversion, in a throwaway cache) and later loads."""
+    from fmchat import backends, models
+    from fmchat.bench.load import bench_load
+
+    try:
+        bench_load(model, device=device, dtype=dtype, repeats=repeats, json_out=json_out)
+    except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
+        raise fail(str(exc)) from None
+
+
 def main() -> None:
     try:
         app()

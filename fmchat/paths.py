@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import platformdirs
@@ -10,8 +11,8 @@ APP = "fmchat"
 
 
 def cache_dir() -> Path:
-    """Converted models and other rebuildable files."""
-    return Path(platformdirs.user_cache_dir(APP))
+    """Converted models and other rebuildable files ($FMCHAT_CACHE_DIR overrides)."""
+    return Path(os.environ.get("FMCHAT_CACHE_DIR") or platformdirs.user_cache_dir(APP))
 
 
 def config_dir() -> Path:

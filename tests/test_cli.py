@@ -154,3 +154,13 @@ def test_plain_repl_streams_and_ctrl_c_cancels_the_reply_not_the_program(tiny_mo
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_bench_load_times_first_and_later_loads(tiny_model):
+    r = cli("bench", "load", "--model", tiny_model, "--repeats", "1", "--json")
+    assert r.exit_code == 0, r.output
+    loads = json.loads(r.stdout.splitlines()[-1])["loads"]
+    assert [row["load"] for row in loads] == [1, 2]
+    assert all(row["seconds"] > 0 and row["converted"] is False for row in loads)  # an HF dir needs no conversion
+    r = cli("bench", "load", "--model", "no-such-model")
+    assert r.exit_code == 2 and "unknown model" in r.stderr

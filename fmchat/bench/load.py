@@ -1,0 +1,39 @@
+"""`fmchat bench load`: model load time on first use (GGUF conversion included) and on later loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from rich.console import Console
+
+
+def bench_load(model: str | None, device: str = "auto", dtype: str = "auto", repeats: int = 2, json_out: bool = False) -> dict:
+    from fmchat import backends
+
+    opts = backends.LoadOptions(device=device, dtype=dtype)
+    rows = []
+    saved = os.environ.get("FMCHAT_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="fmchat-bench-load-") as tmp:
+        os.environ["FMCHAT_CACHE_DIR"] = tmp  # a cold conversion cache, thrown away afterwards
+        try:
+            for i in range(1 + repeats):
+                b = backends.load(model, options=opts)
+                r = b.load_report
+                rows.append({"load": i + 1, "seconds": round(r.seconds, 2), "converted": r.converted})
+                del b
+        finally:
+            if saved is None:
+                os.environ.pop("FMCHAT_CACHE_DIR", None)
+            else:
+                os.environ["FMCHAT_CACHE_DIR"] = saved
+    result = {"model": model or "smollm2-135m", "device": device, "dtype": dtype, "loads": rows}
+    if json_out:
+        print(json.dumps(result))
+    else:
+        c = Console(highlight=False)
+        for row in rows:
+            what = "first load (GGUF converted to safetensors)" if row["converted"] else "later load (reads the converted safetensors)"
+            c.print(f"load {row['load']}: {row['seconds']:.2f} s  {what}")
+    return result
