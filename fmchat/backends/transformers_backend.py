@@ -24,7 +24,7 @@ from .base import LoadOptions, LoadReport, ProgressFn, no_progress
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
 CONVERTED_MARKER = "fmchat-converted.json"
-KERNELS = ("sdpa", "eager")  # transformers' own attention implementations
+KERNELS = ("sdpa", "eager", "fmc")  # transformers' own attention implementations, and fmchat's (backends/fmc.py)
 
 
 def pick_device(device: str) -> str:
@@ -124,18 +124,22 @@ class TransformersBackend:
         if options.kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel '{options.kernel}' (available: {', '.join(KERNELS)})")
         self.kernel = options.kernel
+        if self.kernel == "fmc":
+            from .fmc import register
+
+            register()
         self.model = AutoModelForCausalLM.from_pretrained(
             str(weights), dtype=self._dtype, attn_implementation=options.kernel
         )
         self.model.to(self._dev).eval()
         self._cache_cls = DynamicCache
-        self.cache = self._new_cache()
 
         self.model_name = source.name
         self.device = self._dev
         self.dtype = self._dtype_name()
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
         self.ctx_size = min(options.ctx, max_pos) if options.ctx else min(DEFAULT_CTX_CAP, max_pos)
+        self.cache = self._new_cache()  # after ctx_size: the fmc cache is preallocated to it
         self.eos_token_ids = frozenset(self._eos_ids())
         self._weights_bytes = self._count_weights_bytes()
         self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights))
@@ -146,6 +150,10 @@ class TransformersBackend:
         return str(self._dtype).removeprefix("torch.")
 
     def _new_cache(self):
+        if self.kernel == "fmc":
+            from .fmc import FmcCache
+
+            return FmcCache(self.model.config, self.ctx_size, dtype=self._dtype, device=self._dev)
         return self._cache_cls(config=self.model.config)
 
     def _eos_ids(self) -> set[int]:
@@ -178,7 +186,9 @@ class TransformersBackend:
         return int(self.cache.get_seq_length())
 
     def truncate(self, n: int) -> None:
-        if n <= 0:
+        if self.kernel == "fmc":  # preallocated: cropping only lowers the fill lengths
+            self.cache.crop_to(max(n, 0))
+        elif n <= 0:
             self.cache = self._new_cache()
         else:
             drop = self.cached_tokens() - n
@@ -201,6 +211,8 @@ class TransformersBackend:
         return out.logits[0, -1].float()
 
     def seq_lens(self) -> list[int]:
+        if self.kernel == "fmc":
+            return self.cache.seq_lens_list()
         return [self.cached_tokens()]
 
     def kv_bytes(self) -> int | None:
