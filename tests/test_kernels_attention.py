@@ -193,6 +193,7 @@ def test_rejects_bad_shapes():
 def test_no_host_sync_on_cuda():
     q, k, v, lens = make_case([40], 1)
     new = torch.randn(1, 2, 1, 16, device="cuda")
+    fmc_attention(q, k, v, lens, kv_len=64)  # compile the kernel first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -200,3 +201,12 @@ def test_no_host_sync_on_cuda():
         fmc_attention(q, k, v, lens, kv_len=64)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_decode_attention_bench_rows():
+    from kernels.attention.bench import decode_attention_bench, format_table
+
+    rows = decode_attention_bench((16, 40), q_heads=4, kv_heads=2, head_dim=16, warmup=0, iters=1)
+    assert [(r["impl"], r["ctx"]) for r in rows] == [("sdpa", 16), ("fmc", 16), ("sdpa", 40), ("fmc", 40)]
+    assert all(r["ms"] > 0 and r["max_abs_diff"] < 1e-5 for r in rows)
+    assert "fmc" in format_table(rows)

@@ -1,0 +1,94 @@
+"""Decode-attention timings: fmc (CPU path or Triton) against PyTorch SDPA over an exact-length cache.
+
+``decode_attention_bench()`` returns plain rows (dicts) for a CLI or a report to print; ``format_table`` renders
+them. One "call" is one layer's attention for one decoded token (B rows, all heads). SDPA gets the K/V already cut
+to the context length (what a growing DynamicCache hands it); fmc reads the same prefix of a buffer preallocated to
+the largest length, with the fill passed as ``seq_lens``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .core import fmc_attention
+
+
+def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) * 1000 / iters
+
+
+def decode_attention_bench(
+    context_lengths=(256, 1024, 4096),
+    *,
+    batch: int = 1,
+    q_heads: int = 15,
+    kv_heads: int = 5,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    impls: tuple[str, ...] | None = None,
+    warmup: int = 3,
+    iters: int = 20,
+    seed: int = 0,
+) -> list[dict]:
+    """Milliseconds per decode-attention call at each context length, per implementation.
+
+    ``impls``: names among ``sdpa`` (torch SDPA, GQA), ``fmc`` (``impl="auto"``: Triton on CUDA, CPU path on CPU),
+    ``fmc-cpu`` and ``fmc-triton``. Default: ``sdpa`` and ``fmc``. Also reports the largest absolute difference
+    from SDPA for each fmc row.
+    """
+    device = torch.device(device)
+    impls = impls or ("sdpa", "fmc")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    max_len = max(context_lengths)
+    k_buf = torch.randn(batch, kv_heads, max_len, head_dim, generator=g).to(device=device, dtype=dtype)
+    v_buf = torch.randn(batch, kv_heads, max_len, head_dim, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(batch, q_heads, 1, head_dim, generator=g).to(device=device, dtype=dtype)
+    rows = []
+    for L in context_lengths:
+        k_exact = k_buf[:, :, :L].contiguous()
+        v_exact = v_buf[:, :, :L].contiguous()
+        lens = torch.full((batch,), L, dtype=torch.int32, device=device)
+        ref = F.scaled_dot_product_attention(q, k_exact, v_exact, enable_gqa=True)
+        for name in impls:
+            if name == "sdpa":
+                fn = lambda: F.scaled_dot_product_attention(q, k_exact, v_exact, enable_gqa=True)  # noqa: E731
+            else:
+                impl = {"fmc": "auto", "fmc-cpu": "cpu", "fmc-triton": "triton"}[name]
+                fn = lambda impl=impl: fmc_attention(q, k_buf, v_buf, lens, kv_len=L, impl=impl)  # noqa: E731
+            ms = _time(fn, device, warmup, iters)
+            err = (fn().float() - ref.float()).abs().max().item() if name != "sdpa" else 0.0
+            kv_read = 2 * batch * kv_heads * L * head_dim * k_buf.element_size()
+            rows.append(
+                dict(impl=name, ctx=L, ms=ms, gb_s=kv_read / (ms * 1e6), max_abs_diff=err, device=str(device),
+                     dtype=str(dtype).removeprefix("torch."), batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim)
+            )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'impl':<11} {'ctx':>7} {'ms/call':>9} {'KV GB/s':>8} {'max|diff|':>10}"]
+    for r in rows:
+        lines.append(f"{r['impl']:<11} {r['ctx']:>7} {r['ms']:>9.4f} {r['gb_s']:>8.2f} {r['max_abs_diff']:>10.2e}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_table(decode_attention_bench()))
