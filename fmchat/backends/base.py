@@ -25,6 +25,11 @@ class LoadOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     ctx: int | None = None  # context window cap (tokens); None = the model's own maximum
     kernel: str = "sdpa"  # attention implementation: sdpa | eager
+    quant: str = "none"  # weight quantization: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant)
+    threads: int | None = None  # CPU threads (llama.cpp); None = all cores this process may use
+    gpu_layers: int = 0  # layers offloaded to the GPU (llama.cpp; -1 = all)
+    base_url: str | None = None  # OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (openai)
+    api_model: str | None = None  # model name on that server; None = the first it lists (openai)
 
 
 @dataclass(frozen=True)

@@ -16,25 +16,31 @@ class GenerationConfig:
 
 
 class Sampler:
-    def __init__(self, config: GenerationConfig, device: str | torch.device = "cpu"):
+    def __init__(self, config: GenerationConfig):
         self.config = config
-        self.generator = torch.Generator(device=device)
-        if config.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(config.seed)
+        self.generator: torch.Generator | None = None  # made on the device of the first logits
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            if self.config.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.config.seed)
+        return self.generator
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """A 0-d tensor holding the next token id (no host sync here)."""
         cfg = self.config
         if cfg.temperature <= 0:
             return torch.argmax(logits)
+        gen = self._generator(logits.device)
         probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
         if 0 < cfg.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             cum = torch.cumsum(sorted_probs, dim=-1)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             sorted_probs = sorted_probs.masked_fill(cum - sorted_probs >= cfg.top_p, 0.0)
-            choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
+            choice = torch.multinomial(sorted_probs, 1, generator=gen)
             return order[choice[0]]
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+        return torch.multinomial(probs, 1, generator=gen)[0]

@@ -73,7 +73,7 @@ class ChatSession:
         self.ledger: list[int] = []
         self._cancel = threading.Event()
         self._busy = threading.Lock()
-        self.sampler = Sampler(self.config.gen, device=backend.device)
+        self.sampler = Sampler(self.config.gen)
         self.backend.truncate(0)
 
     # ------------------------------------------------------------------ state
@@ -120,13 +120,13 @@ class ChatSession:
             self.backend = backend
             self.ledger.clear()
             backend.truncate(0)
-            self.sampler = Sampler(self.config.gen, device=backend.device)
+            self.sampler = Sampler(self.config.gen)
 
     def set_generation(self, gen: GenerationConfig) -> None:
         """New sampling settings, effective from the next turn (a new seed restarts the sampler)."""
         with self._busy:
             self.config.gen = gen
-            self.sampler = Sampler(gen, device=self.backend.device)
+            self.sampler = Sampler(gen)
 
     def cancel(self) -> None:
         """Stop the turn in progress within one token (safe to call from any thread)."""
@@ -152,6 +152,9 @@ class ChatSession:
             self._busy.release()
 
     def _turn(self, user_text: str) -> Iterator[Event]:
+        if not getattr(self.backend, "token_level", True):
+            yield from self._turn_text(user_text)
+            return
         backend, gen = self.backend, self.config.gen
         ctx_size = self.ctx_size
         t0 = time.perf_counter()
@@ -259,6 +262,79 @@ class ChatSession:
             Message("assistant", reply, cancelled=stats.cancelled, stats=stats, token_ids=list(decoder.ids))
         )
         return reply
+    def _turn_text(self, user_text: str) -> Iterator[Event]:
+        """A turn on a text-level backend (an HTTP server that owns tokenizer and cache).
+
+        Counts come from the server's usage report when it sends one; what it does not tell stays None.
+        On a server error the session is put back as it was before the turn, so the user can retry.
+        """
+        backend = self.backend
+        t0 = time.perf_counter()
+        self._cancel.clear()
+        turn_no = self.turns + 1
+        msgs = self.template_messages(user_text)
+        self.messages.append(Message("user", user_text))
+        stats = TurnStats(turn=turn_no, prompt_tokens=None, reused_tokens=None, prefilled_tokens=None,
+                          generated_tokens=None, ctx_used=None, ctx_size=backend.ctx_size, seq_lens=None,
+                          device=backend.device, dtype=backend.dtype)  # fmt: skip
+        parts: list[str] = []
+        chunks = 0
+        usage = None
+        finish = ""
+        t_first = t_last = None
+        try:
+            yield TurnStarted(turn_no, 0, 0, 0, backend.ctx_size or 0)
+            for piece in backend.stream_chat(msgs, self.config.gen, self._cancel):
+                now = time.perf_counter()
+                usage = piece.usage or usage
+                finish = {"stop": "stop", "length": "length"}.get(piece.finish_reason or "", finish)
+                if piece.text:
+                    if t_first is None:
+                        t_first = now
+                        stats.ttft_ms = (now - t0) * 1000
+                    t_last = now
+                    chunks += 1
+                    parts.append(piece.text)
+                    yield TextDelta(piece.text, chunks, 0, now - t_first)
+            if self._cancel.is_set():
+                finish = "cancelled"
+        except GeneratorExit:
+            finish = "cancelled"
+            self._record_text_reply(parts, stats, finish, t0, t_first, t_last, usage)
+            raise
+        except BaseException:
+            del self.messages[len(self.messages) - 1 :]  # back to before the turn
+            raise
+        finally:
+            self._cancel.clear()
+        reply = self._record_text_reply(parts, stats, finish or "stop", t0, t_first, t_last, usage)
+        yield TurnDone(reply, stats)
+
+    def _record_text_reply(self, parts, stats, finish, t0, t_first, t_last, usage) -> str:
+        if usage:
+            stats.prompt_tokens = usage.get("prompt_tokens")
+            stats.generated_tokens = usage.get("completion_tokens")
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None and stats.prompt_tokens is not None:
+                stats.reused_tokens = cached
+                stats.prefilled_tokens = stats.prompt_tokens - cached
+            if stats.prompt_tokens is not None and stats.generated_tokens is not None:
+                stats.ctx_used = stats.prompt_tokens + stats.generated_tokens
+        chunks = sum(1 for p in parts if p)
+        stats.stream_chunks = chunks
+        if t_first is not None and t_last is not None and t_last > t_first:
+            stats.stream_chunks_s = (chunks - 1) / (t_last - t_first)
+            if stats.generated_tokens:
+                stats.decode_tok_s = (stats.generated_tokens - 1) / (t_last - t_first)
+        stats.total_ms = (time.perf_counter() - t0) * 1000
+        stats.finish_reason = finish
+        stats.cancelled = finish == "cancelled"
+        stats.rss_mb = round(rss_mb(), 1)
+        stats.peak_rss_mb = round(peak_rss_mb(), 1)
+        reply = "".join(parts)
+        self.messages.append(Message("assistant", reply, cancelled=stats.cancelled, stats=stats))
+        return reply
+
     def _fill_memory_stats(self, stats: TurnStats) -> None:
         b = self.backend
         stats.ctx_used = len(self.ledger)

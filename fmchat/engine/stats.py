@@ -20,17 +20,17 @@ class TurnStats:
     """What one turn cost. See README.md, "Stats fields", for each field."""
 
     turn: int = 0
-    prompt_tokens: int = 0  # tokens of the rendered prompt this turn (whole history + new message)
-    reused_tokens: int = 0  # of those, tokens already in the KV cache (not recomputed)
-    prefilled_tokens: int = 0  # tokens run through the model before the first new token
-    generated_tokens: int = 0  # tokens sampled for the reply
+    prompt_tokens: int | None = 0  # tokens of the rendered prompt this turn (whole history + new message)
+    reused_tokens: int | None = 0  # of those, tokens already in the KV cache (not recomputed)
+    prefilled_tokens: int | None = 0  # tokens run through the model before the first new token
+    generated_tokens: int | None = 0  # tokens sampled for the reply
     ttft_ms: float = 0.0  # turn start -> first reply token sampled
     prefill_tok_s: float | None = None  # prefilled_tokens / prefill time
     decode_tok_s: float | None = None  # (generated_tokens - 1) / time from first to last token
     total_ms: float = 0.0  # whole turn, wall clock
-    ctx_used: int = 0  # tokens in the KV cache at the end of the turn
-    ctx_size: int = 0  # context window (tokens)
-    seq_lens: list[int] = field(default_factory=list)  # KV-cache fill per batch row (tokens)
+    ctx_used: int | None = 0  # tokens in the KV cache at the end of the turn
+    ctx_size: int | None = 0  # context window (tokens)
+    seq_lens: list[int] | None = field(default_factory=list)  # KV-cache fill per batch row (tokens)
     kv_bytes: int | None = None  # bytes held by the KV cache
     weights_bytes: int | None = None  # bytes held by model weights
     rss_mb: float = 0.0  # process resident set size (MiB)
@@ -38,6 +38,8 @@ class TurnStats:
     gpu_mem_mb: float | None = None  # accelerator memory allocated (MiB); None on CPU
     device: str = ""
     dtype: str = ""
+    stream_chunks: int | None = None  # text-level (HTTP) backends: content chunks received
+    stream_chunks_s: float | None = None  # ... and chunks per second after the first (one token each on most servers, not promised)
     finish_reason: str = ""  # "stop" (end of turn token), "length" (max_new_tokens), "context" (window full), "cancelled"
     cancelled: bool = False
 
