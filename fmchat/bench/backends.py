@@ -1,0 +1,64 @@
+"""`fmchat bench backends`: the same scripted conversation on each backend, one after another, in one run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False) -> dict:
+    """``sessions`` maps a label to a ready ChatSession (greedy). Each runs the whole script."""
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    per_backend = {}
+    for label, session in sessions.items():
+        session.reset()
+        session.run_turn("Hi.")  # warm-up, not measured
+        session.reset()
+        rows = []
+        for i, text in enumerate(user_turns, 1):
+            s = session.run_turn(text).stats
+            rows.append({"turn": i, "prompt_tokens": s.prompt_tokens, "prefilled_tokens": s.prefilled_tokens,
+                         "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 1),
+                         "decode_tok_s": round(s.decode_tok_s, 1) if s.decode_tok_s else None})  # fmt: skip
+            log(f"[bench] {label:<14} turn {i:>2}: TTFT {s.ttft_ms:.0f} ms, decode {s.decode_tok_s or 0:.1f} tok/s")
+        b = session.backend
+        ttfts = [r["ttft_ms"] for r in rows]
+        rates = [r["decode_tok_s"] for r in rows if r["decode_tok_s"]]
+        per_backend[label] = {
+            "backend": b.name, "model": b.model_name, "device": b.device, "dtype": b.dtype,
+            "turns": rows,
+            "ttft_ms_median": round(statistics.median(ttfts), 1),
+            "ttft_ms_last": ttfts[-1],
+            "decode_tok_s_median": round(statistics.median(rates), 1) if rates else None,
+        }  # fmt: skip
+    result = {"backends": per_backend, "turns": len(user_turns)}
+    if json_out:
+        print(json.dumps(result))
+        return result
+    c = Console(highlight=False, width=140)
+    t = Table(title="fmchat bench backends · per turn: TTFT ms / decode tok/s")
+    t.add_column("turn", justify="right")
+    for label in per_backend:
+        t.add_column(label, justify="right")
+    for i in range(len(user_turns)):
+        cells = []
+        for v in per_backend.values():
+            r = v["turns"][i]
+            cells.append(f"{r['ttft_ms']:.0f} / {r['decode_tok_s'] if r['decode_tok_s'] is not None else 'n/a'}")
+        t.add_row(str(i + 1), *cells)
+    c.print(t)
+    s = Table(title="summary")
+    for col in ("backend", "model", "device", "dtype", "TTFT median (ms)", "TTFT last turn (ms)", "decode median (tok/s)"):
+        s.add_column(col)
+    for label, v in per_backend.items():
+        s.add_row(label, v["model"], v["device"], v["dtype"], f"{v['ttft_ms_median']:.0f}", f"{v['ttft_ms_last']:.0f}",
+                  f"{v['decode_tok_s_median']}" if v["decode_tok_s_median"] else "n/a")  # fmt: skip
+    c.print(s)
+    return result
