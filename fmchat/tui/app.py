@@ -1,0 +1,506 @@
+"""fmchat's full-screen app: chat on the left, what it costs on the right.
+
+Threads: the model loads and every turn runs in Textual thread workers; they talk to the UI only by
+posting messages, so the UI thread never waits on the model. Session methods that take the session's
+lock (reset, replace_backend, set_generation, pop_last_exchange) are only called when no turn runs;
+anything asked for during a turn is cancelled-then-deferred until the turn's worker has finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from collections.abc import Callable, Iterable
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, ProgressBar, Static
+
+from fmchat import settings as settings_mod
+from fmchat.settings import Settings
+from fmchat.text import neutralize
+
+from .screens.help import HelpScreen
+from .screens.settings import SettingsScreen
+from .themes import load_themes
+from .widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
+from .widgets.panel import InferencePanel
+
+PANEL_REFRESH_S = 0.2  # the panel updates 5 times a second while a reply is generated
+
+
+# ------------------------------------------------------------------ messages from worker threads
+class LoadStep(Message):
+    def __init__(self, step: str, fraction: float | None) -> None:
+        super().__init__()
+        self.step, self.fraction = step, fraction
+
+
+class Loaded(Message):
+    def __init__(self, backend, settings: Settings, previous: Settings | None) -> None:
+        super().__init__()
+        self.backend, self.settings, self.previous = backend, settings, previous
+
+
+class LoadFailed(Message):
+    def __init__(self, error: str, settings: Settings, previous: Settings | None) -> None:
+        super().__init__()
+        self.error, self.settings, self.previous = error, settings, previous
+
+
+class TurnEvent(Message):
+    def __init__(self, event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class TurnFailed(Message):
+    def __init__(self, error: str, text: str, before_start: bool) -> None:
+        super().__init__()
+        self.error, self.text, self.before_start = error, text, before_start
+
+
+class TurnEnded(Message):
+    pass
+
+
+class FmchatApp(App):
+    CSS_PATH = "fmchat.tcss"
+    TITLE = "fmchat"
+    SUB_TITLE = "what inference really costs"
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel reply"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+r", "retry", "Retry"),
+        Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
+        Binding("f2", "settings", "Settings"),
+        Binding("f3", "toggle_panel", "Panel"),
+        Binding("ctrl+t", "change_theme", "Theme", show=False),
+        Binding("f1", "help", "Keys"),
+        Binding("pageup", "scroll_chat(-1)", "Scroll up", show=False),
+        Binding("pagedown", "scroll_chat(1)", "Scroll down", show=False),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        persist: bool = True,
+        mask_volatile: bool = False,
+        threads: int | None = None,
+        file_settings: Settings | None = None,
+        cli_overrides: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings or Settings()
+        # What the config file held, and the CLI flags laid over it: flags are not written back to the file
+        # unless the user changes that setting in the app.
+        self.file_settings = file_settings
+        self.cli_overrides = dict(cli_overrides or {})
+        self.persist = persist  # save settings changes to the config file
+        self.mask_volatile = mask_volatile  # snapshot tests: hide timings that differ run to run
+        self.threads = threads
+        self.session = None
+        self.loading = False
+        self.generating = False
+        self._after_turn: list[Callable[[], None]] = []
+        self._current: AssistantMessage | None = None
+        self._current_user: UserMessage | None = None
+        self._sent_at = 0.0
+        self._first_delta_at: float | None = None
+        self.theme_problems: list[str] = []
+        self.load_steps: list[str] = []  # every load/convert step shown, in order (for the curious and for tests)
+        loaded = load_themes()
+        for theme in loaded.themes:
+            self.register_theme(theme)
+        self.theme_problems = loaded.problems
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="≡")
+        with Horizontal(id="main"):
+            with Vertical(id="chat-column"):
+                yield VerticalScroll(id="chat", can_focus=True)
+                with Horizontal(id="load-status"):
+                    yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="load-bar")
+                    yield Static("", id="load-step", markup=False)
+                yield ChatInput(id="input", placeholder="Type a message · Enter sends · Ctrl+J newline · F1 keys")
+            yield InferencePanel(id="panel", mask_volatile=self.mask_volatile)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
+        for problem in self.theme_problems:
+            self.note(problem, "error")
+        chat = self.query_one("#chat", VerticalScroll)
+        chat.anchor()  # follow new text while the view is at the bottom; scrolling up releases it
+        panel = self.query_one(InferencePanel)
+        panel.display = self.settings.show_panel
+        self._set_running_state()
+        panel.sample_memory()
+        panel.refresh_state()
+        self.set_interval(PANEL_REFRESH_S, self._tick)
+        self.query_one(ChatInput).focus()
+        self.start_load(self.settings, previous=None)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and not self.loading
+
+    def note(self, text: str, kind: str = "info") -> Note:
+        n = Note(text, kind)
+        self.query_one("#chat", VerticalScroll).mount(n)
+        return n
+
+    def save_settings(self) -> None:
+        if not self.persist:
+            return
+        to_save = replace(self.settings)
+        if self.file_settings is not None:
+            for key, value in self.cli_overrides.items():
+                if getattr(to_save, key) == value:
+                    setattr(to_save, key, getattr(self.file_settings, key))
+        try:
+            settings_mod.save(to_save)
+        except OSError as exc:
+            self.note(f"could not save settings: {exc}", "error")
+
+    def _theme_changed(self, theme) -> None:
+        if theme.name != self.settings.theme:
+            self.settings.theme = theme.name
+            self.save_settings()
+
+    def _set_running_state(self) -> None:
+        s, st = self.settings, self.query_one(InferencePanel).state
+        st.quant = s.quant
+        st.kv_cache = s.kv_cache
+        if self.session is not None:
+            b = self.session.backend
+            st.model, st.backend, st.device, st.dtype = b.model_name, b.name, b.device, b.dtype
+            st.kernel = getattr(b, "kernel", s.kernel)
+            st.kv_cache = self.session.config.kv_cache
+        else:
+            st.model = s.model or "smollm2-135m"
+            st.backend, st.kernel = s.backend, s.kernel
+
+    def _fill_from_stats(self, stats) -> None:
+        st = self.query_one(InferencePanel).state
+        st.ctx_used, st.ctx_size = stats.ctx_used, stats.ctx_size
+        st.seq_lens = list(stats.seq_lens)
+        st.kv_bytes, st.weights_bytes, st.gpu_mem_mb = stats.kv_bytes, stats.weights_bytes, stats.gpu_mem_mb
+        st.rss_mb, st.peak_rss_mb = stats.rss_mb, stats.peak_rss_mb
+
+    def refresh_panel_from_session(self) -> None:
+        panel = self.query_one(InferencePanel)
+        if self.session is not None and not self.generating:
+            self._fill_from_stats(self.session.snapshot_stats())
+        self._set_running_state()
+        panel.refresh_state()
+
+    def _tick(self) -> None:
+        if self.generating:
+            panel = self.query_one(InferencePanel)
+            panel.sample_memory()
+            panel.refresh_state()
+
+    def _defer(self, fn: Callable[[], None], why: str) -> None:
+        """Run ``fn`` once the running turn has stopped (cancelling it now)."""
+        self._after_turn.append(fn)
+        if self.session is not None:
+            self.session.cancel()
+        self.notify(f"cancelling the reply to {why}")
+
+    # ------------------------------------------------------------------ loading
+    def start_load(self, settings: Settings, previous: Settings | None) -> None:
+        self.loading = True
+        status = self.query_one("#load-status")
+        status.display = True
+        self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#load-step", Static).update(Text(f"loading {settings.model or 'smollm2-135m'}…"))
+        self._load_worker(settings, previous)
+
+    @work(thread=True, exclusive=True, group="load")
+    def _load_worker(self, settings: Settings, previous: Settings | None) -> None:
+        from fmchat import backends, models
+
+        if self.threads:
+            from fmchat.engine.session import set_threads
+
+            set_threads(self.threads)
+
+        def progress(step: str, fraction: float | None = None) -> None:
+            self.post_message(LoadStep(step, fraction))
+
+        opts = backends.LoadOptions(device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel)
+        try:
+            backend = backends.load(settings.model, settings.backend, opts, progress)
+        except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
+            self.post_message(LoadFailed(str(exc), settings, previous))
+            return
+        except Exception as exc:  # anything else is still a message on screen, never a traceback
+            self.post_message(LoadFailed(f"{type(exc).__name__}: {exc}", settings, previous))
+            return
+        self.post_message(Loaded(backend, settings, previous))
+
+    def on_load_step(self, msg: LoadStep) -> None:
+        self.load_steps.append(msg.step)
+        bar = self.query_one("#load-bar", ProgressBar)
+        if msg.fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=1.0, progress=msg.fraction)
+        self.query_one("#load-step", Static).update(Text(neutralize(msg.step)))
+
+    def on_loaded(self, msg: Loaded) -> None:
+        from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
+
+        s = msg.settings
+        backend = msg.backend
+        if self.session is None:
+            gen = GenerationConfig(s.max_new_tokens, s.temperature, s.top_p, s.seed)
+            self.session = ChatSession(backend, SessionConfig(system=s.system, kv_cache=s.kv_cache, ctx=s.ctx, gen=gen))
+        else:
+            self.session.replace_backend(backend)
+            self.session.config.ctx = s.ctx
+        self.loading = False
+        self.query_one("#load-status").display = False
+        r = backend.load_report
+        how = "converted the GGUF, then loaded" if r.converted else "loaded"
+        secs = "masked s" if self.mask_volatile else f"{r.seconds:.2f} s"
+        kernel = getattr(backend, "kernel", s.kernel)
+        self.note(f"{how} {backend.model_name} ({backend.name}, {backend.device}, {backend.dtype}, {kernel}) in {secs}")
+        if msg.previous is not None and self.session.messages:
+            self.note("the conversation carries on: the next turn rebuilds the KV cache from the transcript")
+        self.save_settings()
+        self.refresh_panel_from_session()
+
+    def on_load_failed(self, msg: LoadFailed) -> None:
+        self.loading = False
+        self.query_one("#load-status").display = False
+        if msg.previous is not None:
+            self.settings = msg.previous  # keep running what worked
+            self.note(f"could not load: {msg.error}; still running the previous model", "error")
+        else:
+            self.note(f"could not load the model: {msg.error}. Open the settings (F2) to pick another.", "error")
+        self.refresh_panel_from_session()
+
+    # ------------------------------------------------------------------ chatting
+    @on(ChatInput.Submitted)
+    def _on_submit(self, msg: ChatInput.Submitted) -> None:
+        if self.loading or self.session is None:
+            self.notify("the model is not loaded yet" if self.loading else "no model loaded: open the settings (F2)", severity="warning")
+            return
+        if self.generating:
+            self.notify("a reply is being generated: wait, or press Escape to cancel it", severity="warning")
+            return
+        self.query_one(ChatInput).clear()
+        self.send(msg.text)
+
+    def send(self, text: str) -> None:
+        chat = self.query_one("#chat", VerticalScroll)
+        self._current_user = UserMessage(text)
+        self._current = AssistantMessage(self.session.backend.model_name)
+        chat.mount(self._current_user)
+        chat.mount(self._current)
+        chat.anchor()
+        self.generating = True
+        self._sent_at = time.monotonic()
+        self._first_delta_at = None
+        st = self.query_one(InferencePanel).state
+        st.generating, st.live_tok_s, st.ttft_ms, st.prefill_tok_s = True, None, None, None
+        self._turn_worker(text)
+
+    @work(thread=True, group="turn")
+    def _turn_worker(self, text: str) -> None:
+        from fmchat.engine import ContextOverflow, EmptyPrompt, TurnInProgress
+
+        started = False
+        try:
+            for ev in self.session.turn(text):
+                started = True
+                self.post_message(TurnEvent(ev))
+        except (ContextOverflow, EmptyPrompt, TurnInProgress) as exc:
+            self.post_message(TurnFailed(str(exc), text, before_start=not started))
+        except Exception as exc:  # shown in the chat, never as a traceback
+            self.post_message(TurnFailed(f"{type(exc).__name__}: {exc}", text, before_start=not started))
+        finally:
+            self.post_message(TurnEnded())
+
+    async def on_turn_event(self, msg: TurnEvent) -> None:
+        from fmchat.engine import TextDelta, TurnDone, TurnStarted
+
+        ev = msg.event
+        panel = self.query_one(InferencePanel)
+        st = panel.state
+        if isinstance(ev, TurnStarted):
+            st.reused, st.prefilled, st.ctx_size = ev.reused_tokens, ev.prefill_tokens, ev.ctx_size
+        elif isinstance(ev, TextDelta):
+            if self._first_delta_at is None:
+                self._first_delta_at = time.monotonic()
+                st.ttft_ms = (self._first_delta_at - self._sent_at) * 1000  # live estimate; the engine's figure follows
+            st.ctx_used = ev.ctx_used
+            st.seq_lens = [ev.ctx_used]
+            if ev.elapsed_s > 0 and ev.generated > 1:
+                st.live_tok_s = (ev.generated - 1) / ev.elapsed_s
+            if self._current is not None:
+                await self._current.write(ev.text)
+        elif isinstance(ev, TurnDone):
+            stats = ev.stats
+            self._fill_from_stats(stats)
+            st.reused, st.prefilled = stats.reused_tokens, stats.prefilled_tokens
+            st.ttft_ms = stats.ttft_ms if stats.generated_tokens or stats.finish_reason == "stop" else None
+            st.prefill_tok_s = stats.prefill_tok_s
+            st.live_tok_s = stats.decode_tok_s
+            if stats.decode_tok_s is not None:
+                st.decode_history.append(stats.decode_tok_s)
+            st.generating = False
+            if self._current is not None:
+                await self._current.finish(stats)
+            panel.refresh_state()
+
+    async def on_turn_failed(self, msg: TurnFailed) -> None:
+        if msg.before_start:
+            # Nothing changed in the session: take the exchange off the screen and give the text back.
+            for w in (self._current_user, self._current):
+                if w is not None:
+                    await w.remove()
+            self._current = self._current_user = None
+            inp = self.query_one(ChatInput)
+            if not inp.text:
+                inp.text = msg.text
+            policy = " (memory policy 'none': start a new chat with Ctrl+N)" if "context window" in msg.error else ""
+            self.note(f"not sent: {msg.error}{policy}", "error")
+        else:
+            if self._current is not None:
+                await self._current.finish(None, note="stopped by an error")
+            self.note(f"error during the reply: {msg.error}", "error")
+
+    def on_turn_ended(self, msg: TurnEnded) -> None:
+        self.generating = False
+        self.query_one(InferencePanel).state.generating = False
+        self._current = self._current_user = None
+        self.refresh_panel_from_session()
+        pending, self._after_turn = self._after_turn, []
+        for fn in pending:
+            fn()
+
+    # ------------------------------------------------------------------ actions
+    def action_cancel(self) -> None:
+        if self.generating and self.session is not None:
+            self.session.cancel()
+        elif self.loading:
+            self.notify("the model is loading; it cannot be cancelled half-way", severity="warning")
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            self._defer(self.action_new_chat, "start a new chat")
+            return
+        if self.session is not None:
+            self.session.reset()
+        self.query_one("#chat", VerticalScroll).remove_children()
+        st = self.query_one(InferencePanel).state
+        st.reused = st.prefilled = None
+        self.note("new chat")
+        self.refresh_panel_from_session()
+
+    async def action_retry(self) -> None:
+        if self.generating:
+            self._defer(lambda: self.run_worker(self.action_retry()), "retry")
+            return
+        if not self.ready:
+            return
+        text = self.session.pop_last_exchange()
+        if text is None:
+            self.notify("nothing to retry yet")
+            return
+        users = list(self.query(UserMessage))
+        if users:
+            last = users[-1]
+            chat = self.query_one("#chat", VerticalScroll)
+            after = False
+            for child in list(chat.children):
+                after = after or child is last
+                if after:
+                    await child.remove()
+        self.send(text)
+
+    def action_copy_reply(self) -> None:
+        if self.session is None:
+            return
+        replies = [m for m in self.session.messages if m.role == "assistant"]
+        if not replies:
+            self.notify("no reply to copy yet")
+            return
+        self.copy_to_clipboard(replies[-1].content)
+        self.notify(f"copied the last reply ({len(replies[-1].content)} characters)")
+
+    def action_toggle_panel(self) -> None:
+        panel = self.query_one(InferencePanel)
+        panel.display = not panel.display
+        self.settings.show_panel = bool(panel.display)
+        self.save_settings()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_settings(self) -> None:
+        if not isinstance(self.screen, SettingsScreen):
+            self.push_screen(SettingsScreen(self.settings), self.apply_settings)
+
+    def action_scroll_chat(self, direction: int) -> None:
+        chat = self.query_one("#chat", VerticalScroll)
+        (chat.scroll_page_down if direction > 0 else chat.scroll_page_up)()
+
+    def apply_settings(self, new: Settings | None) -> None:
+        from fmchat.engine import GenerationConfig
+
+        if new is None:
+            return
+        if self.generating:
+            self._defer(lambda: self.apply_settings(new), "apply the settings")
+            return
+        old = self.settings
+        self.settings = new
+        if new.theme in self.available_themes and new.theme != self.theme:
+            self.theme = new.theme
+        if self.session is not None:
+            cfg = self.session.config
+            cfg.kv_cache, cfg.system = new.kv_cache, new.system
+            gen = GenerationConfig(new.max_new_tokens, new.temperature, new.top_p, new.seed)
+            if gen != cfg.gen:
+                self.session.set_generation(gen)
+        reload = new.load_key() != old.load_key() or (self.session is None and not self.loading)
+        if reload and not self.loading:
+            self.note("reloading the model for the new settings…")
+            self.start_load(new, previous=old if self.session is not None else None)
+        else:
+            self.save_settings()
+            self.note("settings applied")
+        self.refresh_panel_from_session()
+
+    async def action_quit(self) -> None:
+        if self.session is not None and self.generating:
+            self.session.cancel()  # the worker stops within one token
+        self.exit()
+
+    # ------------------------------------------------------------------ command palette
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield SystemCommand("New chat", "Start a new conversation (same model and settings)", self.action_new_chat)
+        yield SystemCommand("Settings", "Backend, model, quantization, kernel, KV cache, sampling…", self.action_settings)
+        yield SystemCommand("Toggle panel", "Show or hide the inference panel", self.action_toggle_panel)
+        yield SystemCommand("Cancel reply", "Stop the reply being generated", self.action_cancel)
+        yield SystemCommand("Retry last turn", "Drop the last exchange and send its message again", self.action_retry)
+        yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard", self.action_copy_reply)
+        yield SystemCommand("Keys", "Every key binding (F1)", self.action_help)
+        yield from (c for c in super().get_system_commands(screen) if c.title in ("Theme", "Quit", "Screenshot"))
