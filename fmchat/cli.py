@@ -121,17 +121,64 @@ def read_script(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- root: the TUI
+def launch_tui(threads: int | None = None, **flags) -> None:
+    """Open the full-screen app: settings from the config file, then the CLI flags (non-None) on top."""
+    from fmchat import models
+    from fmchat import settings as settings_mod
+
+    try:
+        file_settings = settings_mod.load()
+    except settings_mod.SettingsError as exc:
+        raise UserError(str(exc)) from None
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    settings = file_settings.override(**overrides)
+    problems = settings.validate()
+    if problems:
+        raise UserError(problems[0])
+    try:
+        models.resolve(settings.model)
+    except models.ModelNotFound as exc:
+        raise UserError(str(exc)) from None
+    from fmchat.tui.themes import theme_names
+
+    names = theme_names()
+    if settings.theme not in names:
+        if "theme" in overrides:
+            raise UserError(f"unknown theme '{settings.theme}' (available: {', '.join(names)})")
+        settings.theme = settings_mod.DEFAULT_THEME  # a theme file that went away: fall back quietly
+    from fmchat.tui.app import FmchatApp
+
+    FmchatApp(settings, file_settings=file_settings, cli_overrides=overrides, threads=threads).run()
+
+
 @app.callback(invoke_without_command=True)
 def root(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    model: ModelOpt = None,
+    kv_cache: Annotated[bool | None, typer.Option("--kv-cache/--no-kv-cache", help="Reuse the KV cache across turns.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="transformers (llamacpp, openai: later)")] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="none | bf16 | fp16 (int8, int4, log8: later)")] = None,
+    kernel: Annotated[str | None, typer.Option("--kernel", help="Attention kernel: sdpa | eager | fmc")] = None,
+    ctx_size: Annotated[int | None, typer.Option("--ctx", min=16, help="Context window cap (tokens).")] = None,
+    system: SystemOpt = None,
+    theme: Annotated[str | None, typer.Option("--theme", help="fmchat-dark | fmchat-light | fmchat-high-contrast | ...")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Without a command, fmchat opens the chat app (see 'fmchat chat')."""
+    """Without a command, fmchat opens the full-screen chat app (settings: F2; keys: F1)."""
     if version:
         typer.echo(f"fmchat {__version__}")
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
+        try:
+            launch_tui(
+                threads, model=model, kv_cache=kv_cache, backend=backend, quant=quant, kernel=kernel, ctx=ctx_size,
+                system=system, theme=theme, device=device, dtype=dtype,
+            )  # fmt: skip
+        except UserError as exc:
+            raise fail(str(exc)) from None
 
 
 # ---------------------------------------------------------------- run
@@ -215,7 +262,17 @@ def chat(
 ) -> None:
     """Interactive chat. With --plain, a line-mode REPL: Ctrl+C cancels a reply, /quit leaves."""
     if not plain:
-        raise fail("the full-screen app is not available yet; use 'fmchat chat --plain'")
+        # Flags left at their defaults do not override the settings file.
+        try:
+            launch_tui(
+                threads, model=model, kv_cache=None if kv_cache else False, system=system, ctx=ctx, seed=seed,
+                device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                max_new_tokens=None if max_new_tokens == 512 else max_new_tokens,
+                temperature=None if temperature == 0.7 else temperature, top_p=None if top_p == 0.95 else top_p,
+            )  # fmt: skip
+        except UserError as exc:
+            raise fail(str(exc)) from None
+        return
     try:
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
