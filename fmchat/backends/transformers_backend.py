@@ -24,6 +24,8 @@ from .base import LoadOptions, LoadReport, ProgressFn, no_progress
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
 CONVERTED_MARKER = "fmchat-converted.json"
+QUANT_SCHEMES = ("none", "bf16", "fp16", "int8", "int4", "log8")  # kernels/quant
+QUANT_INT = ("int8", "int4", "log8")
 KERNELS = ("sdpa", "eager", "fmc")  # transformers' own attention implementations, and fmchat's (backends/fmc.py)
 
 
@@ -108,6 +110,11 @@ class TransformersBackend:
         _quiet_transformers()
         self._dev = pick_device(options.device)
         self._dtype = pick_dtype(options.dtype, self._dev)
+        self.quant = options.quant
+        if self.quant not in QUANT_SCHEMES:
+            raise ValueError(f"unknown quantization '{self.quant}' (use {', '.join(QUANT_SCHEMES)})")
+        if self.quant in ("bf16", "fp16"):
+            self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.quant]
         converted = False
         if source.kind == "gguf":
             assert source.path is not None
@@ -129,9 +136,13 @@ class TransformersBackend:
 
             register()
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(weights), dtype=self._dtype, attn_implementation=options.kernel
+            str(weights), dtype=torch.float32 if self.quant in QUANT_INT else self._dtype, attn_implementation=options.kernel
         )
         self.model.to(self._dev).eval()
+        if self.quant != "none":  # int schemes quantize from the fp32 originals, then cast the rest to dtype
+            from kernels.quant import quantize_model
+
+            self.quant_report = quantize_model(self.model, self.quant, rest_dtype=self._dtype, progress=progress)
         self._cache_cls = DynamicCache
 
         self.model_name = source.name
