@@ -46,6 +46,12 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+QuantOpt = Annotated[str, typer.Option("--quant", help="Weights: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant).")]
+BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="transformers | llamacpp | openai")]
+BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8080/v1")]
+ApiModelOpt = Annotated[str | None, typer.Option("--api-model", help="Model name on the server (default: the first it lists).")]
+MemoryOpt = Annotated[str, typer.Option("--memory", help="When the window is full: none | sliding | shift | summary")]
+GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", help="llama.cpp: layers offloaded to the GPU (-1 = all).")]
 
 
 def _progress_printer(quiet: bool = False):
@@ -70,18 +76,28 @@ def load_session(
     dtype="auto",
     threads=None,
     quiet=False,
+    backend="transformers",
+    memory="shift",
+    **load_options,
 ):
-    """Load a backend and wrap it in a ChatSession, turning user errors into UserError."""
+    """Load a backend and wrap it in a ChatSession, turning user errors into UserError.
+
+    ``load_options`` are further LoadOptions fields (base_url, api_model, gpu_layers, ...).
+    """
     from fmchat import backends, models
+    from fmchat.backends.openai_backend import BackendError
     from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
     from fmchat.engine.session import set_threads
 
+    from fmchat.memory import POLICIES
+
+    if memory not in POLICIES:
+        raise UserError(f"unknown memory policy '{memory}' (use {', '.join(POLICIES)})")
     set_threads(threads)
+    opts = backends.LoadOptions(device=device, dtype=dtype, ctx=ctx, threads=threads, **load_options)
     try:
-        backend = backends.load(
-            model, "transformers", backends.LoadOptions(device=device, dtype=dtype, ctx=ctx), _progress_printer(quiet)
-        )
-    except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
+        backend = backends.load(model, backend, opts, _progress_printer(quiet))
+    except (models.ModelNotFound, backends.UnknownBackend, BackendError, ValueError) as exc:
         raise UserError(str(exc)) from None
     r = backend.load_report
     if not quiet:
@@ -91,16 +107,20 @@ def load_session(
             err=True,
         )
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen))
+    return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen, memory=memory))
 
 
 def stats_line(stats) -> str:
+    def na(v):
+        return "n/a" if v is None else v
+
     dec = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a tok/s"
     return (
-        f"[{stats.generated_tokens} tokens · TTFT {stats.ttft_ms:.0f} ms · decode {dec} · "
-        f"prefilled {stats.prefilled_tokens}, reused {stats.reused_tokens} · "
-        f"context {stats.ctx_used}/{stats.ctx_size} tokens · RSS {stats.rss_mb:.0f} MiB"
+        f"[{na(stats.generated_tokens)} tokens · TTFT {stats.ttft_ms:.0f} ms · decode {dec} · "
+        f"prefilled {na(stats.prefilled_tokens)}, reused {na(stats.reused_tokens)} · "
+        f"context {na(stats.ctx_used)}/{na(stats.ctx_size)} tokens · RSS {stats.rss_mb:.0f} MiB"
         + (" · cancelled" if stats.cancelled else "")
+        + (f" · memory: {stats.memory_note}" if stats.memory_action else "")
         + "]"
     )
 
@@ -197,9 +217,16 @@ def run(
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "none",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "transformers",
+    base_url: BaseUrlOpt = None,
+    api_model: ApiModelOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    memory: MemoryOpt = "shift",
 ) -> None:
     """Run one conversation headless: each PROMPT (or stdin line, or --script turn) is a user turn."""
+    from fmchat.backends.openai_backend import BackendError
     from fmchat.engine import ContextOverflow, TextDelta, TurnDone
     from fmchat.text import neutralize
 
@@ -219,7 +246,8 @@ def run(
                 raise UserError(f"turn {i}: empty prompt")
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
+            backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except UserError as exc:
         raise fail(str(exc)) from None
@@ -239,6 +267,8 @@ def run(
                         typer.echo(stats_line(ev.stats), err=True)
         except ContextOverflow as exc:
             raise fail(f"turn {i}: {exc}") from None
+        except BackendError as exc:  # the server failed; say so in one line
+            raise fail(f"turn {i}: {exc}", code=1) from None
 
 
 # ---------------------------------------------------------------- chat (plain REPL)
@@ -258,7 +288,13 @@ def chat(
     ctx: CtxOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quant: QuantOpt = "none",
     threads: ThreadsOpt = None,
+    backend: BackendOpt = "transformers",
+    base_url: BaseUrlOpt = None,
+    api_model: ApiModelOpt = None,
+    gpu_layers: GpuLayersOpt = 0,
+    memory: MemoryOpt = "shift",
 ) -> None:
     """Interactive chat. With --plain, a line-mode REPL: Ctrl+C cancels a reply, /quit leaves."""
     if not plain:
@@ -276,7 +312,8 @@ def chat(
     try:
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
+            backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except UserError as exc:
         raise fail(str(exc)) from None
@@ -400,6 +437,92 @@ def bench_turns(
     except UserError as exc:
         raise fail(str(exc)) from None
     run_bench(session, user_turns, json_out=json_out)
+
+
+@bench_app.command("backends")
+def bench_backends_cmd(
+    model: ModelOpt = None,
+    turns: Annotated[int | None, typer.Option("--turns", min=1, help="Use the first N turns of the script.")] = None,
+    script: Annotated[Path | None, typer.Option("--script", help="Conversation JSON (default: the shared bench script).")] = None,
+    max_new_tokens: MaxNewOpt = 128,
+    base_url: BaseUrlOpt = None,
+    api_model: ApiModelOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The shared conversation on transformers and llama.cpp (and a server with --base-url), one after another."""
+    from fmchat.bench import default_script
+    from fmchat.bench.backends import bench_backends
+
+    try:
+        user_turns = read_script(script or default_script())[: turns or None]
+        common = dict(max_new_tokens=max_new_tokens, temperature=0.0, seed=0, threads=threads)
+        sessions = {
+            "transformers": load_session(model, backend="transformers", **common),
+            "llamacpp": load_session(model, backend="llamacpp", **common),
+        }
+        if base_url:
+            sessions["openai"] = load_session(model, backend="openai", base_url=base_url, api_model=api_model, **common)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    bench_backends(sessions, user_turns, json_out=json_out)
+
+
+@bench_app.command("quant")
+def bench_quant_cmd(
+    model: ModelOpt = None,
+    turns: Annotated[int | None, typer.Option("--turns", min=1, help="Use the first N turns of the script.")] = None,
+    script: Annotated[Path | None, typer.Option("--script", help="Conversation JSON (default: the shared bench script).")] = None,
+    schemes: Annotated[str, typer.Option("--schemes", help="Comma-separated: fp32,bf16,fp16,int8,int4,log8.")] = "fp32,bf16,fp16,int8,int4,log8",
+    max_new_tokens: MaxNewOpt = 48,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Every quantization scheme in one run (a process each): weights bytes, RSS, decode tok/s, perplexity, agreement."""
+    from fmchat.bench import default_script
+    from fmchat.bench.quant import ROWS, bench_quant
+
+    try:
+        path = script or default_script()
+        user_turns = read_script(path)[: turns or None]
+        chosen = [x.strip() for x in schemes.split(",") if x.strip()]
+        bad = [x for x in chosen if x not in ROWS]
+        if bad:
+            raise UserError(f"--schemes: unknown {', '.join(bad)} (use {', '.join(ROWS)})")
+        bench_quant(model, user_turns, schemes=chosen, max_new_tokens=max_new_tokens, threads=threads, json_out=json_out)
+    except (UserError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+
+
+@bench_app.command("memory")
+def bench_memory_cmd(
+    model: ModelOpt = None,
+    backend: BackendOpt = "transformers",
+    ctx: Annotated[int, typer.Option("--ctx", min=64, help="Context window (tokens).")] = 512,
+    turns: Annotated[int, typer.Option("--turns", min=1, help="Turns to run (the script repeats).")] = 60,
+    policies: Annotated[str, typer.Option("--policies", help="Comma-separated policies to compare.")] = "none,sliding,shift,summary",
+    script: Annotated[Path | None, typer.Option("--script", help="Conversation JSON (default: the shared bench script).")] = None,
+    max_new_tokens: MaxNewOpt = 48,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A long chat in a small window under each memory policy: TTFT, fill, evictions, recall, perplexity."""
+    from fmchat.bench import default_script
+    from fmchat.bench.memory import bench_memory
+    from fmchat.memory import POLICIES
+
+    try:
+        chosen = [p.strip() for p in policies.split(",") if p.strip()]
+        bad = [p for p in chosen if p not in POLICIES]
+        if bad or not chosen:
+            raise UserError(f"unknown memory policy '{(bad or [''])[0]}' (use {', '.join(POLICIES)})")
+        user_turns = read_script(script or default_script())
+        session = load_session(model, backend=backend, ctx=ctx, max_new_tokens=max_new_tokens, temperature=0.0, seed=0,
+                               dtype=dtype, threads=threads)  # fmt: skip
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    bench_memory(session, user_turns, turns, chosen, json_out=json_out)
 
 
 @bench_app.command("load")

@@ -35,8 +35,10 @@ def smol_tokenizer(default_gguf):
     return AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
 
 
-def build_tiny_model(path: Path, tokenizer, arch: str = "llama", seed: int = 0, chat_template: str | None = None) -> Path:
-    """A 2-layer random model with the real tokenizer, saved as an HF directory."""
+def build_tiny_model(
+    path: Path, tokenizer, arch: str = "llama", seed: int = 0, chat_template: str | None = None, layers: int = 2, **extra
+) -> Path:
+    """A small (2-layer by default) random model with the real tokenizer, saved as an HF directory."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
 
@@ -44,7 +46,7 @@ def build_tiny_model(path: Path, tokenizer, arch: str = "llama", seed: int = 0, 
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
@@ -54,7 +56,7 @@ def build_tiny_model(path: Path, tokenizer, arch: str = "llama", seed: int = 0, 
         tie_word_embeddings=False,
         initializer_range=0.1,  # wider than the default so greedy logits are not all near-ties
     )
-    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**common)
+    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**common, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(path))

@@ -64,11 +64,12 @@ class LlamaCppBackend:
         if not template:
             raise models.ModelNotFound(f"model '{source.name}' has no chat template in its GGUF metadata; fmchat needs a chat model")
         eos = self.llm.token_eos()
-        self._formatter = Jinja2ChatFormatter(
-            template,
+        tokens = dict(
             eos_token=self.llm.detokenize([eos], special=True).decode("utf-8", "replace"),
             bos_token=self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace"),
         )
+        self._formatter = Jinja2ChatFormatter(template, **tokens)
+        self._formatter_nogen = Jinja2ChatFormatter(template, add_generation_prompt=False, **tokens)
         self.model_name = source.name
         self.device = "cuda" if gpu_layers and llama_cpp.llama_supports_gpu_offload() else "cpu"
         self.dtype = FILE_TYPES.get(int(md.get("general.file_type", -1)), "gguf")
@@ -91,8 +92,9 @@ class LlamaCppBackend:
         return {eot} if eot >= 0 else set()
 
     # ---------------------------------------------------------------- protocol
-    def render(self, messages: Sequence[dict]) -> list[int]:
-        prompt = self._formatter(messages=list(messages)).prompt
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        fmt = self._formatter if add_generation_prompt else self._formatter_nogen
+        prompt = fmt(messages=list(messages)).prompt
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -114,6 +116,19 @@ class LlamaCppBackend:
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
         return torch.from_numpy(logits)
+
+    def shift(self, n_keep: int, n_discard: int) -> str | None:
+        """llama.cpp's own context shift: drop cells [n_keep, n_keep + n_discard), move the rest back."""
+        n = self.llm.n_tokens
+        if n_discard <= 0 or n_keep + n_discard > n:
+            return f"nothing to shift ({n_keep}+{n_discard} of {n} tokens)"
+        ctx = self.llm._ctx
+        ctx.kv_cache_seq_rm(0, n_keep, n_keep + n_discard)
+        ctx.kv_cache_seq_shift(0, n_keep + n_discard, n, -n_discard)
+        ids = self.llm.input_ids
+        ids[n_keep : n - n_discard] = ids[n_keep + n_discard : n].copy()
+        self.llm.n_tokens = n - n_discard
+        return None
 
     def seq_lens(self) -> list[int]:
         return [self.cached_tokens()]

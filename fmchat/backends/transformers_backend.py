@@ -186,8 +186,8 @@ class TransformersBackend:
         return total
 
     # ---------------------------------------------------------------- protocol
-    def render(self, messages: Sequence[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -220,6 +220,43 @@ class TransformersBackend:
             logits_to_keep=1,
         )
         return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
+        """Like forward, but the logits of every position [n, vocab] (for perplexity)."""
+        past = self.cached_tokens()
+        pos = torch.arange(past, past + len(ids), device=self._dev)
+        out = self.model(input_ids=torch.tensor([list(ids)], device=self._dev), past_key_values=self.cache,
+                         use_cache=True, cache_position=pos, position_ids=pos.unsqueeze(0))  # fmt: skip
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def shift(self, n_keep: int, n_discard: int) -> str | None:
+        """Remove cached positions [n_keep, n_keep + n_discard) and re-rotate the later keys to their new
+        positions, so nothing is re-prefilled. Returns None when done, or why it cannot be done exactly."""
+        from fmchat.memory.rope import rope_inv_freq, shift_kv
+
+        inv_freq, why = rope_inv_freq(self.model)
+        if inv_freq is None:
+            return why
+        orig = getattr(self.model.config, "original_max_position_embeddings", None)
+        if "longrope" in why and orig and self.ctx_size > orig:
+            return f"longrope switches frequencies past {orig} tokens and this window is {self.ctx_size}"
+        total = self.cached_tokens()
+        if n_discard <= 0 or n_keep + n_discard > total:
+            return f"nothing to shift ({n_keep}+{n_discard} of {total} tokens)"
+        for layer in self.cache.layers:
+            if self.kernel == "fmc":  # preallocated buffers: shift in place, then lower the fill
+                k, v = shift_kv(layer.keys[:, :, :total], layer.values[:, :, :total], n_keep, n_discard, inv_freq)
+                layer.keys[:, :, : k.shape[2]] = k
+                layer.values[:, :, : v.shape[2]] = v
+            else:
+                layer.keys, layer.values = (
+                    t.contiguous() for t in shift_kv(layer.keys, layer.values, n_keep, n_discard, inv_freq)
+                )
+        if self.kernel == "fmc":
+            self.cache.crop_to(total - n_discard)
+        return None
 
     def seq_lens(self) -> list[int]:
         if self.kernel == "fmc":

@@ -21,6 +21,7 @@ from .detok import StreamDecoder
 from .events import Event, TextDelta, TurnDone, TurnStarted
 from .sampling import GenerationConfig, Sampler
 from .stats import TurnStats, peak_rss_mb, rss_mb
+from fmchat.memory.policies import NoRoom, make_room
 
 PREFILL_CHUNK = 512  # tokens per prefill forward; bounds activation memory and lets cancel act between chunks
 
@@ -63,6 +64,7 @@ class SessionConfig:
     kv_cache: bool = True
     ctx: int | None = None  # cap on the context window; None = the backend's
     gen: GenerationConfig = field(default_factory=GenerationConfig)
+    memory: str = "shift"  # what to do when the window is full: none | sliding | shift | summary (fmchat.memory)
 
 
 class ChatSession:
@@ -71,6 +73,8 @@ class ChatSession:
         self.config = config or SessionConfig()
         self.messages: list[Message] = []
         self.ledger: list[int] = []
+        self.window_start = 0  # messages before this index were dropped from the window by the memory policy
+        self.memory_note = ""  # the summary policy's note on dropped turns, kept after the system prompt
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.sampler = Sampler(self.config.gen)
@@ -86,11 +90,16 @@ class ChatSession:
     def turns(self) -> int:
         return sum(1 for m in self.messages if m.role == "user")
 
-    def template_messages(self, extra_user: str | None = None) -> list[dict]:
+    def template_messages(self, extra_user: str | None = None, window_start: int | None = None) -> list[dict]:
+        """What the model sees: system prompt (+ memory note), the in-window messages, the new message."""
         msgs = []
-        if self.config.system:
-            msgs.append({"role": "system", "content": self.config.system})
-        msgs += [m.as_template() for m in self.messages]
+        system = self.config.system or ""
+        if self.memory_note:
+            system = (system + "\n\n" if system else "") + f"Notes on the earlier conversation: {self.memory_note}"
+        if system:
+            msgs.append({"role": "system", "content": system})
+        start = self.window_start if window_start is None else window_start
+        msgs += [m.as_template() for m in self.messages[start:]]
         if extra_user is not None:
             msgs.append({"role": "user", "content": extra_user})
         return msgs
@@ -99,6 +108,8 @@ class ChatSession:
         """Start a new conversation (same model and settings)."""
         with self._busy:
             self.messages.clear()
+            self.window_start = 0
+            self.memory_note = ""
             self._set_ledger(0)
 
     def pop_last_exchange(self) -> str | None:
@@ -108,6 +119,7 @@ class ChatSession:
                 if self.messages[i].role == "user":
                     text = self.messages[i].content
                     del self.messages[i:]
+                    self.window_start = min(self.window_start, len(self.messages))
                     return text
             return None
 
@@ -159,7 +171,20 @@ class ChatSession:
         ctx_size = self.ctx_size
         t0 = time.perf_counter()
         ids = backend.render(self.template_messages(user_text))
+        memory = None
+        reserve = min(gen.max_new_tokens, ctx_size // 4)  # room kept for the reply when making room
+        if len(ids) + reserve > ctx_size and self.config.memory != "none" and self.window_start < len(self.messages):
+            try:
+                memory = make_room(self, user_text, reserve)
+            except NoRoom as exc:
+                raise ContextOverflow(f"{exc}; shorten the message") from None
+            ids = backend.render(self.template_messages(user_text))
         if len(ids) + 1 > ctx_size:
+            if self.window_start < len(self.messages):
+                raise ContextOverflow(
+                    f"the conversation needs {len(ids)} tokens but the context window is {ctx_size} tokens; "
+                    "start a new chat (/reset) or choose a memory policy (--memory sliding|shift|summary)"
+                )
             raise ContextOverflow(
                 f"the prompt needs {len(ids)} tokens but the context window is {ctx_size} tokens; "
                 "shorten the message or start a new chat"
@@ -184,6 +209,14 @@ class ChatSession:
             device=backend.device,
             dtype=backend.dtype,
         )
+        if memory is not None:
+            memory.kv_after = len(self.ledger)
+            stats.memory_action = memory.action
+            stats.memory_note = memory.describe()
+            stats.evicted_tokens = memory.evicted_tokens
+            stats.summarized_tokens = memory.summarized_tokens
+            stats.kv_fill_before = memory.kv_before
+            stats.kv_fill_after = memory.kv_after
         decoder = StreamDecoder(backend.decode)
         finish = ""
         t_first = t_last = None
@@ -334,6 +367,30 @@ class ChatSession:
         reply = "".join(parts)
         self.messages.append(Message("assistant", reply, cancelled=stats.cancelled, stats=stats))
         return reply
+
+    @torch.inference_mode()
+    def complete(self, ids: list[int], max_new_tokens: int) -> str:
+        """A greedy side generation on this session's backend (e.g. a summary); the ledger stays exact.
+
+        The cache is cropped to the common prefix with ``ids``; the next turn re-prefills what it needs.
+        """
+        keep = min(common_prefix(self.ledger, ids), len(ids) - 1)
+        self._set_ledger(keep)
+        out: list[int] = []
+        try:
+            logits = self.backend.forward(ids[keep:])
+            self.ledger.extend(ids[keep:])
+            for _ in range(max_new_tokens):
+                token = int(torch.argmax(logits))
+                if token in self.backend.eos_token_ids or len(self.ledger) + 1 > self.ctx_size:
+                    break
+                out.append(token)
+                logits = self.backend.forward([token])
+                self.ledger.append(token)
+        except BaseException:
+            self._set_ledger(0)
+            raise
+        return self.backend.decode(out)
 
     def _fill_memory_stats(self, stats: TurnStats) -> None:
         b = self.backend

@@ -38,6 +38,12 @@ class TurnStats:
     gpu_mem_mb: float | None = None  # accelerator memory allocated (MiB); None on CPU
     device: str = ""
     dtype: str = ""
+    memory_action: str = ""  # what the memory policy did before this turn: "" | dropped | shifted | summarized
+    memory_note: str = ""  # one line saying what was dropped/summarized, or why a policy fell back
+    evicted_tokens: int = 0  # tokens of the turns dropped from the window this turn
+    summarized_tokens: int = 0  # of those, tokens folded into the memory note
+    kv_fill_before: int | None = None  # KV-cache fill before the policy acted (tokens); None if it did not act
+    kv_fill_after: int | None = None  # ... and right after (before this turn's prefill)
     stream_chunks: int | None = None  # text-level (HTTP) backends: content chunks received
     stream_chunks_s: float | None = None  # ... and chunks per second after the first (one token each on most servers, not promised)
     finish_reason: str = ""  # "stop" (end of turn token), "length" (max_new_tokens), "context" (window full), "cancelled"

@@ -1,0 +1,128 @@
+"""`fmchat bench memory`: a long chat in a small window under each memory policy, in one run.
+
+Per policy: per-turn TTFT, context and KV fill, evictions; a recall probe (a fact from the system
+prompt asked for at the end); and the perplexity of a fixed continuation given the state the policy
+left, which shows what `shift`'s re-rotated cache costs in quality against `sliding`'s re-prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fmchat.engine import ContextOverflow
+from fmchat.engine.session import common_prefix
+from fmchat.engine.stats import fmt_bytes
+from fmchat.memory.policies import NoRoom, make_room
+
+SYSTEM = "The user's name is Ada. Answer briefly."
+PROBE = "What is my name?"
+CONTINUATION = (
+    "The sea was calm that evening, and the fishing boats came home one after another. "
+    "On the quay, children counted the boats while their parents carried baskets of fish to the market."
+)
+
+
+def continuation_nll(session) -> float | None:
+    """Mean negative log-likelihood (nats/token) of the continuation as the next user message."""
+    b = session.backend
+    if not hasattr(b, "forward_all"):
+        return None
+    ids = b.render(session.template_messages(CONTINUATION))
+    if len(ids) > session.ctx_size:
+        try:
+            make_room(session, CONTINUATION, 0)
+        except NoRoom:
+            return None
+        ids = b.render(session.template_messages(CONTINUATION))
+    start = len(b.render(session.template_messages(), add_generation_prompt=False))
+    keep = min(common_prefix(session.ledger, ids), start - 1)
+    session._set_ledger(keep)
+    logits = b.forward_all(ids[keep:])
+    session.ledger.extend(ids[keep:])
+    targets = torch.tensor(ids[start:], device=logits.device)
+    logp = torch.log_softmax(logits[start - 1 - keep : len(ids) - 1 - keep], dim=-1)
+    return float(-logp.gather(1, targets[:, None]).mean())
+
+
+def run_policy(session, policy: str, user_turns: list[str], n_turns: int, log) -> dict:
+    session.config.memory = policy
+    session.config.system = SYSTEM
+    session.reset()
+    rows, stopped = [], None
+    for i in range(n_turns):
+        text = user_turns[i % len(user_turns)]
+        try:
+            s = session.run_turn(text).stats
+        except ContextOverflow as exc:
+            stopped = {"turn": i + 1, "error": str(exc)}
+            log(f"[bench] {policy:<8} turn {i + 1:>3}: stopped ({exc})")
+            break
+        rows.append({"turn": i + 1, "ttft_ms": round(s.ttft_ms, 1), "prompt_tokens": s.prompt_tokens, "prefilled": s.prefilled_tokens,
+                     "ctx_used": s.ctx_used, "kv_bytes": s.kv_bytes, "action": s.memory_action, "evicted": s.evicted_tokens})  # fmt: skip
+        log(f"[bench] {policy:<8} turn {i + 1:>3}: ctx {s.ctx_used}/{s.ctx_size}, TTFT {s.ttft_ms:.0f} ms {s.memory_action}")
+    try:
+        probe = session.run_turn(PROBE).reply
+        recall = "ada" in probe.lower()
+    except ContextOverflow:
+        probe, recall = None, None
+    nll = continuation_nll(session) if stopped is None else None
+    first = next((r["turn"] for r in rows if r["action"]), None)
+    before = [r["ttft_ms"] for r in rows if first and r["turn"] < first]
+    after = [r["ttft_ms"] for r in rows if first and r["turn"] >= first]
+    return {
+        "policy": policy,
+        "turns_completed": len(rows),
+        "stopped": stopped,
+        "max_ctx_used": max((r["ctx_used"] for r in rows), default=0),
+        "max_kv_bytes": max((r["kv_bytes"] or 0 for r in rows), default=0),
+        "actions": sum(1 for r in rows if r["action"]),
+        "evicted_tokens": sum(r["evicted"] for r in rows),
+        "first_action_turn": first,
+        "ttft_ms_median_before": round(statistics.median(before), 1) if before else None,
+        "ttft_ms_median_after": round(statistics.median(after), 1) if after else None,
+        "prefilled_median_after": statistics.median([r["prefilled"] for r in rows if first and r["turn"] >= first]) if after else None,
+        "recall": recall,
+        "probe_reply": probe,
+        "continuation_ppl": round(math.exp(nll), 2) if nll is not None else None,
+        "turns": rows,
+    }
+
+
+def bench_memory(session, user_turns: list[str], n_turns: int, policies: list[str], json_out: bool = False) -> dict:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    results = [run_policy(session, p, user_turns, n_turns, log) for p in policies]
+    b = session.backend
+    out = {"model": b.model_name, "backend": b.name, "device": b.device, "dtype": b.dtype, "ctx": session.ctx_size,
+           "turns": n_turns, "policies": results}  # fmt: skip
+    if json_out:
+        print(json.dumps(out))
+        return out
+    t = Table(title=f"fmchat bench memory · {b.model_name} · {b.name} · {b.device} · {b.dtype} · ctx {session.ctx_size} tokens · {n_turns} turns")
+    for col in ("policy", "turns done", "max ctx (tokens)", "max KV", "actions", "evicted (tokens)", "TTFT before / after 1st action (median ms)",
+                "prefilled/turn after (median)", "recall 'Ada'", "continuation ppl"):  # fmt: skip
+        t.add_column(col, justify="right")
+    for r in results:
+        ttft = "n/a" if r["ttft_ms_median_before"] is None else f"{r['ttft_ms_median_before']:.0f} / {r['ttft_ms_median_after']:.0f}"
+        t.add_row(
+            r["policy"],
+            f"{r['turns_completed']}" + (" (stopped)" if r["stopped"] else ""),
+            str(r["max_ctx_used"]),
+            fmt_bytes(r["max_kv_bytes"]),
+            str(r["actions"]),
+            str(r["evicted_tokens"]),
+            ttft,
+            "n/a" if r["prefilled_median_after"] is None else f"{r['prefilled_median_after']:.0f}",
+            {True: "yes", False: "no", None: "n/a"}[r["recall"]],
+            "n/a" if r["continuation_ppl"] is None else f"{r['continuation_ppl']:.2f}",
+        )
+    Console(highlight=False, width=160).print(t)
+    return out
