@@ -113,6 +113,7 @@ class FmchatApp(App):
         self._after_turn: list[Callable[[], None]] = []
         self._current: AssistantMessage | None = None
         self._current_user: UserMessage | None = None
+        self._queued: str | None = None  # a message sent before the first load finished
         self._sent_at = 0.0
         self._first_delta_at: float | None = None
         self.theme_problems: list[str] = []
@@ -196,7 +197,7 @@ class FmchatApp(App):
     def _fill_from_stats(self, stats) -> None:
         st = self.query_one(InferencePanel).state
         st.ctx_used, st.ctx_size = stats.ctx_used, stats.ctx_size
-        st.seq_lens = list(stats.seq_lens)
+        st.seq_lens = None if stats.seq_lens is None else list(stats.seq_lens)
         st.kv_bytes, st.weights_bytes, st.gpu_mem_mb = stats.kv_bytes, stats.weights_bytes, stats.gpu_mem_mb
         st.rss_mb, st.peak_rss_mb = stats.rss_mb, stats.peak_rss_mb
 
@@ -283,9 +284,14 @@ class FmchatApp(App):
             self.note("the conversation carries on: the next turn rebuilds the KV cache from the transcript")
         self.save_settings()
         self.refresh_panel_from_session()
+        if self._queued is not None:
+            text, self._queued = self._queued, None
+            self.send(text)
 
     def on_load_failed(self, msg: LoadFailed) -> None:
         self.loading = False
+        if self._queued is not None:
+            self.query_one(ChatInput).text, self._queued = self._queued, None
         self.query_one("#load-status").display = False
         if msg.previous is not None:
             self.settings = msg.previous  # keep running what worked
@@ -297,6 +303,12 @@ class FmchatApp(App):
     # ------------------------------------------------------------------ chatting
     @on(ChatInput.Submitted)
     def _on_submit(self, msg: ChatInput.Submitted) -> None:
+        if self.loading and self.session is None and self._queued is None:
+            # First load still running: keep the message and send it as soon as the model is ready.
+            self._queued = msg.text
+            self.query_one(ChatInput).clear()
+            self.note("the model is still loading: your message goes out as soon as it is ready")
+            return
         if self.loading or self.session is None:
             self.notify("the model is not loaded yet" if self.loading else "no model loaded: open the settings (F2)", severity="warning")
             return
@@ -349,8 +361,9 @@ class FmchatApp(App):
                 self._first_delta_at = time.monotonic()
                 st.ttft_ms = (self._first_delta_at - self._sent_at) * 1000  # live estimate; the engine's figure follows
             st.ctx_used = ev.ctx_used
-            st.seq_lens = [ev.ctx_used]
-            if ev.elapsed_s > 0 and ev.generated > 1:
+            if ev.ctx_used is not None and st.seq_lens is not None:
+                st.seq_lens = [ev.ctx_used]  # batch of one: the row's fill is the context used
+            if ev.generated and ev.elapsed_s and ev.elapsed_s > 0 and ev.generated > 1:
                 st.live_tok_s = (ev.generated - 1) / ev.elapsed_s
             if self._current is not None:
                 await self._current.write(ev.text)
@@ -358,7 +371,7 @@ class FmchatApp(App):
             stats = ev.stats
             self._fill_from_stats(stats)
             st.reused, st.prefilled = stats.reused_tokens, stats.prefilled_tokens
-            st.ttft_ms = stats.ttft_ms if stats.generated_tokens or stats.finish_reason == "stop" else None
+            st.ttft_ms = stats.ttft_ms or None  # 0 = no token came: unavailable, not zero
             st.prefill_tok_s = stats.prefill_tok_s
             st.live_tok_s = stats.decode_tok_s
             if stats.decode_tok_s is not None:

@@ -23,9 +23,10 @@ def fmt_rate(v: float | None) -> str:
 
 
 def reply_footer(stats: TurnStats) -> str:
-    ttft = f"{stats.ttft_ms:.0f} ms" if stats.generated_tokens or stats.ttft_ms else "n/a"
+    ttft = f"{stats.ttft_ms:.0f} ms" if stats.ttft_ms else "n/a"
+    tokens = "n/a" if stats.generated_tokens is None else stats.generated_tokens
     parts = [
-        f"{stats.generated_tokens} tokens",
+        f"{tokens} tokens",
         f"TTFT {ttft}",
         f"decode {fmt_rate(stats.decode_tok_s)}",
     ]

@@ -29,9 +29,9 @@ class PanelState:
     kv_cache: bool = True
     loaded: bool = False
     # context and KV cache
-    ctx_used: int = 0
-    ctx_size: int = 0
-    seq_lens: list[int] = field(default_factory=list)
+    ctx_used: int | None = None  # None until a model is loaded
+    ctx_size: int | None = None
+    seq_lens: list[int] | None = None
     kv_bytes: int | None = None
     reused: int | None = None
     prefilled: int | None = None
@@ -60,8 +60,10 @@ def _mib(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.0f} MiB"
 
 
-def context_bar(used: int, total: int, width: int = BAR_WIDTH) -> Text:
-    frac = min(used / total, 1.0) if total else 0.0
+def context_bar(used: int | None, total: int | None, width: int = BAR_WIDTH) -> Text:
+    if used is None or not total:
+        return Text("░" * width, style="dim")
+    frac = min(used / total, 1.0)
     filled = round(frac * width)
     style = "red" if frac >= 0.9 else "yellow" if frac >= 0.7 else "green"
     bar = Text("█" * filled, style=style)
@@ -106,26 +108,27 @@ class InferencePanel(VerticalScroll):
     def sample_memory(self) -> None:
         """Cheap process-wide figures, safe to read while a turn runs in another thread."""
         self.state.rss_mb = rss_mb()
-        self.state.peak_rss_mb = peak_rss_mb()
+        self.state.peak_rss_mb = max(peak_rss_mb(), self.state.rss_mb)  # two reads, one instant apart
 
     def refresh_state(self) -> None:
         s = self.state
-        pct = f" ({100 * s.ctx_used / s.ctx_size:.1f}%)" if s.ctx_size else ""
-        ctx = Text(f"{s.ctx_used} / {s.ctx_size} tokens{pct}\n")
+        known = s.ctx_used is not None and s.ctx_size
+        pct = f" ({100 * s.ctx_used / s.ctx_size:.1f}%)" if known else ""
+        used = "n/a" if s.ctx_used is None else s.ctx_used
+        size = "n/a" if s.ctx_size is None else s.ctx_size
+        ctx = Text(f"{used} / {size} tokens{pct}\n")
         ctx.append_text(context_bar(s.ctx_used, s.ctx_size))
         self.query_one("#sec-context", Static).update(ctx)
 
         seq = "[" + ", ".join(str(n) for n in s.seq_lens) + "] tokens" if s.seq_lens else "n/a"
-        this_turn = (
-            f"{s.reused} reused, {s.prefilled} prefilled tokens" if s.reused is not None and s.prefilled is not None else "n/a"
-        )
         self.query_one("#sec-kv", Static).update(
             _table(
                 [
                     ("cache", "on (reused across turns)" if s.kv_cache else "off (rebuilt every turn)"),
                     ("seq_lens", seq),
                     ("KV size", fmt_bytes(s.kv_bytes)),
-                    ("this turn", this_turn),
+                    ("reused", "n/a" if s.reused is None else f"{s.reused} tokens this turn"),
+                    ("prefilled", "n/a" if s.prefilled is None else f"{s.prefilled} tokens this turn"),
                 ]
             )
         )
@@ -134,7 +137,7 @@ class InferencePanel(VerticalScroll):
         self.query_one("#sec-speed", Static).update(
             _table([("decode", live), ("TTFT", _ms(s.ttft_ms)), ("prefill", _rate(s.prefill_tok_s))])
         )
-        self.query_one("#spark", Sparkline).data = list(s.decode_history) or [0.0]
+        self.query_one("#spark", Sparkline).data = list(s.decode_history)
 
         masked = "masked MiB"
         rss = masked if self.mask_volatile and s.rss_mb is not None else _mib(s.rss_mb)
