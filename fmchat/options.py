@@ -73,19 +73,48 @@ def backends() -> list[Choice]:
     return out
 
 
+def _quant_schemes() -> set[str] | None:
+    """The weight quantizations the backend loads (None: this engine has no quant load option)."""
+    try:
+        from fmchat.backends.transformers_backend import QUANT_SCHEMES
+    except ImportError:
+        return None
+    return set(QUANT_SCHEMES)
+
+
 def quantizations() -> list[Choice]:
-    return [
-        Choice("none", "none (the model's weights at --dtype)"),
-        Choice("bf16", "bf16 (bfloat16 weights)"),
-        Choice("fp16", "fp16 (float16 weights)"),
-        Choice("int8", "int8", False, NOT_YET),
-        Choice("int4", "int4", False, NOT_YET),
-        Choice("log8", "log8", False, NOT_YET),
+    have = _quant_schemes()
+    known = [
+        ("none", "none (the model's weights at the chosen dtype)"),
+        ("bf16", "bf16 (bfloat16 weights)"),
+        ("fp16", "fp16 (float16 weights)"),
+        ("int8", "int8 (per-channel, weight-only)"),
+        ("int4", "int4 (groups of 32, weight-only)"),
+        ("log8", "log8 (8-bit logarithmic, weight-only)"),
     ]
+    if have is None:  # older engine: bf16/fp16 are dtypes, the integer schemes are not there yet
+        have = {"none", "bf16", "fp16"}
+    return [Choice(v, label, v in have, "" if v in have else NOT_YET) for v, label in known]
 
 
-# quantizations that are plain dtypes for the transformers backend
+# On an engine without a quant load option, bf16/fp16 are loaded as plain dtypes.
 QUANT_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def engine_has_quant() -> bool:
+    from dataclasses import fields
+
+    from fmchat.backends import LoadOptions
+
+    return any(f.name == "quant" for f in fields(LoadOptions))
+
+
+def engine_has_memory_policies() -> bool:
+    from dataclasses import fields
+
+    from fmchat.engine import SessionConfig
+
+    return any(f.name == "memory" for f in fields(SessionConfig))
 
 
 def kernels() -> list[Choice]:
@@ -99,12 +128,19 @@ def kernels() -> list[Choice]:
 
 
 def memory_policies() -> list[Choice]:
-    return [
-        Choice("none", "none (stop with a clear message when the context is full)"),
-        Choice("sliding", "sliding window", False, NOT_YET),
-        Choice("shift", "context shift", False, NOT_YET),
-        Choice("summary", "summarize old turns", False, NOT_YET),
+    try:
+        from fmchat.memory.policies import POLICIES
+
+        have = set(POLICIES) if engine_has_memory_policies() else {"none"}
+    except ImportError:
+        have = {"none"}
+    known = [
+        ("none", "none (stop with a clear message when the context is full)"),
+        ("sliding", "sliding window (drop the oldest turns, rebuild the cache)"),
+        ("shift", "context shift (drop the oldest turns, re-rotate the cached keys)"),
+        ("summary", "summarize the oldest turns into a note"),
     ]
+    return [Choice(v, label, v in have, "" if v in have else NOT_YET) for v, label in known]
 
 
 def devices() -> list[Choice]:

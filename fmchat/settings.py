@@ -21,7 +21,7 @@ class Settings:
     kernel: str = "sdpa"
     kv_cache: bool = True
     ctx: int | None = None  # context window cap (tokens); None = the model's
-    memory_policy: str = "none"
+    memory_policy: str = "shift"  # the engine's default (fmchat.memory); "none" stops with a message when full
     device: str = "auto"
     dtype: str = "auto"
     temperature: float = 0.7
@@ -36,9 +36,9 @@ class Settings:
     @property
     def load_dtype(self) -> str:
         """The dtype the backend loads with: a bf16/fp16 quantization is a dtype on this backend."""
-        from fmchat.options import QUANT_DTYPES
+        from fmchat.options import QUANT_DTYPES, engine_has_quant
 
-        return QUANT_DTYPES.get(self.quant, self.dtype)
+        return self.dtype if engine_has_quant() else QUANT_DTYPES.get(self.quant, self.dtype)
 
     def load_key(self) -> tuple:
         """Settings that need the model reloaded when they change."""

@@ -165,7 +165,7 @@ async def test_markup_and_control_characters_are_text(tiny_model):
 
 
 async def test_context_overflow_is_a_message_not_a_crash(tiny_model):
-    app = FmchatApp(tiny_settings(tiny_model, ctx=32), persist=False)
+    app = FmchatApp(tiny_settings(tiny_model, ctx=32, memory_policy="none"), persist=False)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         long = "word " * 200
@@ -192,12 +192,13 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
 
         await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), "settings open")
         screen = app.screen
-        # Unavailable choices are listed, disabled, with the reason.
-        quant = screen.query_one("#set-quant", ChoiceSet)
-        int4 = [b for b, c in zip(quant.query("RadioButton"), quant.choices) if c.value == "int4"][0]
-        assert int4.disabled and "not implemented yet" in str(int4.label)
+        # Choices that cannot be used here are listed, disabled, with the reason.
+        backend = screen.query_one("#set-backend", ChoiceSet)
+        openai = [b for b, c in zip(backend.query("RadioButton"), backend.choices) if c.value == "openai"][0]
+        assert openai.disabled and "needs a server URL" in str(openai.label)
         policy = screen.query_one("#set-memory_policy", ChoiceSet)
-        assert [c.value for c in policy.choices if not c.available] == ["sliding", "shift", "summary"]
+        sliding = [b for b, c in zip(policy.query("RadioButton"), policy.choices) if c.value == "sliding"][0]
+        sliding.value = True
 
         # Switch kernel to eager (needs a reload), turn the KV cache off, new sampling settings.
         kernel = screen.query_one("#set-kernel", ChoiceSet)
@@ -213,6 +214,7 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
         await wait_for(pilot, lambda: app.session.backend is not first_backend and app.ready, "reloaded")
         assert app.session.backend.kernel == "eager"
         assert app.session.config.kv_cache is False
+        assert app.session.config.memory == "sliding"
         assert app.session.config.gen.max_new_tokens == 3 and app.session.config.gen.temperature == 0.5
         # The transcript survived; the next turn runs on the new configuration and rebuilds the cache.
         assert [m.role for m in app.session.messages] == ["user", "assistant"]
@@ -225,7 +227,7 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
 
     saved = settings_mod.load(path)
     assert saved.kernel == "eager" and saved.kv_cache is False and saved.max_new_tokens == 3
-    assert saved.temperature == 0.5 and saved.model == str(tiny_model)
+    assert saved.temperature == 0.5 and saved.model == str(tiny_model) and saved.memory_policy == "sliding"
 
 
 async def test_settings_reject_bad_values(tiny_model):

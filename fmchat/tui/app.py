@@ -194,6 +194,10 @@ class FmchatApp(App):
             st.model = s.model or "smollm2-135m"
             st.backend, st.kernel = s.backend, s.kernel
 
+    def _set_memory_policy(self, policy: str) -> None:
+        if self.session is not None and hasattr(self.session.config, "memory"):
+            self.session.config.memory = policy
+
     def _fill_from_stats(self, stats) -> None:
         st = self.query_one(InferencePanel).state
         st.ctx_used, st.ctx_size = stats.ctx_used, stats.ctx_size
@@ -242,7 +246,12 @@ class FmchatApp(App):
         def progress(step: str, fraction: float | None = None) -> None:
             self.post_message(LoadStep(step, fraction))
 
-        opts = backends.LoadOptions(device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel)
+        from fmchat.options import engine_has_quant
+
+        extra = {"quant": settings.quant} if engine_has_quant() else {}
+        opts = backends.LoadOptions(
+            device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel, **extra
+        )
         try:
             backend = backends.load(settings.model, settings.backend, opts, progress)
         except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
@@ -270,6 +279,7 @@ class FmchatApp(App):
         if self.session is None:
             gen = GenerationConfig(s.max_new_tokens, s.temperature, s.top_p, s.seed)
             self.session = ChatSession(backend, SessionConfig(system=s.system, kv_cache=s.kv_cache, ctx=s.ctx, gen=gen))
+            self._set_memory_policy(s.memory_policy)
         else:
             self.session.replace_backend(backend)
             self.session.config.ctx = s.ctx
@@ -379,6 +389,8 @@ class FmchatApp(App):
             st.generating = False
             if self._current is not None:
                 await self._current.finish(stats)
+            if getattr(stats, "memory_note", ""):
+                self.note(f"memory policy '{self.settings.memory_policy}': {stats.memory_note}")
             panel.refresh_state()
 
     async def on_turn_failed(self, msg: TurnFailed) -> None:
@@ -391,7 +403,11 @@ class FmchatApp(App):
             inp = self.query_one(ChatInput)
             if not inp.text:
                 inp.text = msg.text
-            policy = " (memory policy 'none': start a new chat with Ctrl+N)" if "context window" in msg.error else ""
+            policy = (
+                f" (memory policy '{self.settings.memory_policy}': start a new chat with Ctrl+N, or pick another policy in F2)"
+                if "context window" in msg.error
+                else ""
+            )
             self.note(f"not sent: {msg.error}{policy}", "error")
         else:
             if self._current is not None:
@@ -490,6 +506,7 @@ class FmchatApp(App):
         if self.session is not None:
             cfg = self.session.config
             cfg.kv_cache, cfg.system = new.kv_cache, new.system
+            self._set_memory_policy(new.memory_policy)
             gen = GenerationConfig(new.max_new_tokens, new.temperature, new.top_p, new.seed)
             if gen != cfg.gen:
                 self.session.set_generation(gen)
