@@ -13,15 +13,22 @@ from conftest import SHARED_SCRIPT
 pytestmark = pytest.mark.e2e
 
 
-def fmchat(*args, timeout=600):
+def fmchat(*args, timeout=600, cache_dir=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if cache_dir:
+        env["FMCHAT_CACHE_DIR"] = str(cache_dir)
     return subprocess.run([sys.executable, "-m", "fmchat", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
-def first_run():
+def fresh_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fresh-cache")
+
+
+@pytest.fixture(scope="module")
+def first_run(fresh_cache):
     """The first run in a fresh cache converts the GGUF to safetensors once."""
-    return fmchat("run", "What is the capital of France?", "--temperature", "0")
+    return fmchat("run", "What is the capital of France?", "--temperature", "0", cache_dir=fresh_cache)
 
 
 def test_default_model_answers_paris_offline(first_run):
@@ -30,14 +37,11 @@ def test_default_model_answers_paris_offline(first_run):
     assert "TTFT" in first_run.stderr and "tok/s" in first_run.stderr
 
 
-def test_gguf_is_converted_once_then_read_from_the_cache(first_run):
-    from fmchat.backends.transformers_backend import converted_dir
-    from fmchat.models import resolve
-
+def test_gguf_is_converted_once_then_read_from_the_cache(first_run, fresh_cache):
     assert "converted GGUF to safetensors, then loaded smollm2-135m" in first_run.stderr
-    out = converted_dir(resolve(None).path)
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    again = fmchat("run", "What is 12 times 7?", "--temperature", "0", "--max-new-tokens", "16", "--json")
+    converted = list((fresh_cache / "converted").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file() and (converted[0] / "config.json").is_file()
+    again = fmchat("run", "What is 12 times 7?", "--temperature", "0", "--max-new-tokens", "16", "--json", cache_dir=fresh_cache)
     assert again.returncode == 0, again.stderr
     assert "converted" not in again.stderr and "[fmchat] loaded smollm2-135m" in again.stderr
     row = json.loads(again.stdout.splitlines()[-1])
