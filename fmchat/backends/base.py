@@ -26,7 +26,6 @@ class LoadOptions:
     ctx: int | None = None  # context window cap (tokens); None = the model's own maximum
     kernel: str = "sdpa"  # attention implementation: sdpa | eager
     quant: str = "none"  # weight quantization: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant)
-    quant: str = "none"  # weight quantization: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant)
     threads: int | None = None  # CPU threads (llama.cpp); None = all cores this process may use
     gpu_layers: int = 0  # layers offloaded to the GPU (llama.cpp; -1 = all)
     base_url: str | None = None  # OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (openai)
