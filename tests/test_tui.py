@@ -282,3 +282,19 @@ async def test_new_chat_retry_toggle_panel_and_palette(tiny_model):
         await pilot.press("f1")
         await pilot.pause()
         assert "retry the last turn" in screen_text(app)
+
+
+async def test_typed_burst_then_enter_sends_everything(tiny_model):
+    """A terminal delivers 'abc\\r' in one read: Enter must act after the characters, not before them."""
+    from textual import events
+
+    app = FmchatApp(tiny_settings(tiny_model, max_new_tokens=2), persist=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.query_one(ChatInput).focus()
+        for ch in "abc":
+            app.post_message(events.Key(ch, ch))
+        app.post_message(events.Key("enter", "\r"))
+        await turn_done(pilot, 1)
+        assert app.session.messages[0].content == "abc"
+        assert app.query_one(ChatInput).text == ""

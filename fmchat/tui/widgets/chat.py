@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
@@ -98,10 +99,13 @@ class ChatInput(TextArea):
     """Multi-line input: Enter sends; Ctrl+J (or Shift+Enter / Alt+Enter where the terminal reports them)
     inserts a newline."""
 
+    # Shown in the footer. The keys themselves are handled in _on_key, in order with the typed characters
+    # (a priority binding would run before characters typed in the same burst reach the text).
     BINDINGS = [
-        Binding("enter", "send", "Send", show=True, priority=True),
-        Binding("ctrl+j,shift+enter,alt+enter", "newline", "Newline", show=True, key_display="ctrl+j", priority=True),
+        Binding("enter", "send", "Send", show=True),
+        Binding("ctrl+j", "newline", "Newline", show=True),
     ]
+    NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 
     class Submitted(Message):
         def __init__(self, text: str) -> None:
@@ -118,3 +122,15 @@ class ChatInput(TextArea):
 
     def action_newline(self) -> None:
         self.insert("\n")
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.action_send()
+        elif event.key in self.NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.action_newline()
+        else:
+            await super()._on_key(event)
