@@ -185,6 +185,7 @@ class FmchatApp(App):
         s, st = self.settings, self.query_one(InferencePanel).state
         st.quant = s.quant
         st.kv_cache = s.kv_cache
+        st.memory_policy = s.memory_policy
         if self.session is not None:
             b = self.session.backend
             st.model, st.backend, st.device, st.dtype = b.model_name, b.name, b.device, b.dtype
@@ -391,6 +392,7 @@ class FmchatApp(App):
                 await self._current.finish(stats)
             if getattr(stats, "memory_note", ""):
                 self.note(f"memory policy '{self.settings.memory_policy}': {stats.memory_note}")
+                st.memory_last = f"turn {stats.turn}: {stats.memory_note}"
             panel.refresh_state()
 
     async def on_turn_failed(self, msg: TurnFailed) -> None:
@@ -438,7 +440,7 @@ class FmchatApp(App):
             self.session.reset()
         self.query_one("#chat", VerticalScroll).remove_children()
         st = self.query_one(InferencePanel).state
-        st.reused = st.prefilled = None
+        st.reused = st.prefilled = st.memory_last = None
         self.note("new chat")
         self.refresh_panel_from_session()
 

@@ -35,6 +35,8 @@ class PanelState:
     kv_bytes: int | None = None
     reused: int | None = None
     prefilled: int | None = None
+    memory_policy: str = "—"
+    memory_last: str | None = None  # the last thing the memory policy did, e.g. "turn 5: 2 messages (51 tokens) shifted…"
     # speed
     generating: bool = False
     live_tok_s: float | None = None
@@ -129,6 +131,8 @@ class InferencePanel(VerticalScroll):
                     ("KV size", fmt_bytes(s.kv_bytes)),
                     ("reused", "n/a" if s.reused is None else f"{s.reused} tokens this turn"),
                     ("prefilled", "n/a" if s.prefilled is None else f"{s.prefilled} tokens this turn"),
+                    ("memory", s.memory_policy),
+                    ("last drop", neutralize(s.memory_last) if s.memory_last else "none yet"),
                 ]
             )
         )
