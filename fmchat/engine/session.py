@@ -408,6 +408,41 @@ class ChatSession:
         self._fill_memory_stats(s)
         return s
 
+    def prefill_transcript(self, progress=None) -> int:
+        """Bring the KV cache up to the whole transcript (a resumed chat), so the next turn prefills only its
+        new message. ``progress(done, total)`` after each chunk; cancel() stops between chunks (the ledger
+        stays exact). Returns the tokens prefilled; 0 when the backend keeps its own cache or the
+        transcript does not fit the window (the next turn's memory policy deals with it).
+        """
+        if not getattr(self.backend, "token_level", True):
+            return 0
+        with self._busy:
+            msgs = self.template_messages()
+            ids = self.backend.render(msgs, add_generation_prompt=False) if msgs else []
+            if not self.config.kv_cache or len(ids) + 1 > self.ctx_size:
+                return 0
+            keep = common_prefix(self.ledger, ids)
+            self._set_ledger(keep)
+            done = 0
+            self._cancel.clear()
+            try:
+                with torch.inference_mode():
+                    for start in range(keep, len(ids), PREFILL_CHUNK):
+                        if self._cancel.is_set():
+                            break
+                        chunk = ids[start : start + PREFILL_CHUNK]
+                        self.backend.forward(chunk)
+                        self.ledger.extend(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(len(self.ledger), len(ids))
+            except BaseException:
+                self._set_ledger(0)
+                raise
+            finally:
+                self._cancel.clear()
+            return done
+
     def run_turn(self, user_text: str) -> TurnDone:
         """Run a turn to completion and return its TurnDone (for scripts and tests)."""
         done = None

@@ -1,0 +1,355 @@
+"""The session store: one SQLite database in the user data dir.
+
+WAL journal (a reader never blocks the writer; a killed process leaves at most its open transaction
+behind, which SQLite rolls back), foreign keys on, a busy timeout so two fmchat processes can share the
+file, and a schema versioned with ``PRAGMA user_version`` (``MIGRATIONS[i]`` takes version i to i+1).
+A database written by a newer fmchat is refused and left untouched. The file is created 0600; SQLite
+gives its -wal and -shm files the database's permissions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fmchat.paths import data_dir
+
+DB_NAME = "sessions.db"
+BUSY_TIMEOUT_MS = 10_000
+TITLE_CHARS = 60
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        title_set INTEGER NOT NULL DEFAULT 0,       -- 1 once the user renamed it
+        created REAL NOT NULL,                      -- unix seconds
+        updated REAL NOT NULL,
+        model TEXT NOT NULL DEFAULT '',
+        backend TEXT NOT NULL DEFAULT '',
+        settings TEXT NOT NULL DEFAULT '{}',        -- JSON object: the settings the chat ran with
+        system TEXT,                                -- system prompt (NULL: none)
+        window_start INTEGER NOT NULL DEFAULT 0,    -- memory policy: messages before this left the window
+        memory_note TEXT NOT NULL DEFAULT ''        -- memory policy: summary of the dropped turns
+    );
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,                       -- 0, 1, 2... within the session
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        created REAL NOT NULL,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        stats TEXT,                                 -- JSON object (TurnStats.to_dict()) or NULL
+        token_ids TEXT,                             -- JSON list of the sampled ids (assistant) or NULL
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE INDEX sessions_updated ON sessions(updated DESC);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The store cannot be used (newer schema, unreadable file...): one line for the user."""
+
+
+class UnknownSession(StoreError):
+    pass
+
+
+def default_path() -> Path:
+    return data_dir() / DB_NAME
+
+
+def new_id() -> str:
+    return secrets.token_hex(4)
+
+
+def derive_title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+@dataclass
+class StoredMessage:
+    role: str
+    content: str
+    created: float
+    cancelled: bool = False
+    stats: dict | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class SessionInfo:
+    id: str
+    title: str
+    created: float
+    updated: float
+    model: str
+    backend: str
+    message_count: int
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    title: str
+    created: float
+    updated: float
+    model: str = ""
+    backend: str = ""
+    settings: dict = field(default_factory=dict)
+    system: str | None = None
+    window_start: int = 0
+    memory_note: str = ""
+    title_set: bool = False
+    messages: list[StoredMessage] = field(default_factory=list)
+
+
+def touch_private(path: Path) -> None:
+    """Create ``path`` (and its directory) readable by the user only, before anything writes to it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
+class Store:
+    """Thread-safe (one lock around the connection); every write is its own committed transaction."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self._lock = threading.RLock()
+        existed = self.path.exists()
+        try:
+            if not existed:
+                touch_private(self.path)
+            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the session store {self.path}: {exc}") from None
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                self.conn.close()
+                raise StoreError(
+                    f"the session store {self.path} was written by a newer fmchat (schema version {version}; "
+                    f"this fmchat knows up to {SCHEMA_VERSION}); it was not touched: upgrade fmchat"
+                )
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise StoreError(f"the session store {self.path} is not a readable database: {exc}") from None
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists():
+                try:
+                    os.chmod(side, 0o600)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+    def _migrate(self) -> None:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")  # one process migrates; another waits, then sees the new version
+            try:
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(f"the session store {self.path} was written by a newer fmchat (schema version {version})")
+                for i in range(version, SCHEMA_VERSION):
+                    for stmt in MIGRATIONS[i].split(";"):
+                        if stmt.strip():
+                            self.conn.execute(stmt)
+                    self.conn.execute(f"PRAGMA user_version={i + 1}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _tx(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store._lock.acquire()
+                store.conn.execute("BEGIN IMMEDIATE")
+                return store.conn
+
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    store.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(self, *, model: str = "", backend: str = "", settings: dict | None = None, system: str | None = None,
+                       title: str = "", created: float | None = None, session_id: str | None = None) -> str:  # fmt: skip
+        now = time.time() if created is None else created
+        with self._tx() as c:
+            sid = session_id or new_id()
+            while c.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone():
+                sid = new_id()
+            c.execute(
+                "INSERT INTO sessions (id, title, created, updated, model, backend, settings, system) VALUES (?,?,?,?,?,?,?,?)",
+                (sid, title, now, now, model, backend, json.dumps(settings or {}, sort_keys=True), system),
+            )
+        return sid
+
+    def resolve(self, session_id: str) -> str:
+        """The full id for ``session_id`` or a unique prefix of one; UnknownSession otherwise."""
+        sid = (session_id or "").strip()
+        with self._lock:
+            if sid and self.conn.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone():
+                return sid
+            rows = self.conn.execute("SELECT id FROM sessions WHERE substr(id, 1, ?) = ?", (len(sid), sid)).fetchall() if sid else []
+        if len(rows) == 1:
+            return rows[0][0]
+        if len(rows) > 1:
+            raise UnknownSession(f"session id '{session_id}' is ambiguous ({len(rows)} sessions start with it)")
+        raise UnknownSession(f"no session '{session_id}' (fmchat sessions list shows them)")
+
+    def append_messages(self, session_id: str, first_seq: int, messages: Iterable[StoredMessage],
+                        *, window_start: int | None = None, memory_note: str | None = None) -> None:  # fmt: skip
+        """Replace the session's messages from ``first_seq`` on with ``messages``, in one transaction."""
+        now = time.time()
+        with self._tx() as c:
+            row = c.execute("SELECT title, title_set FROM sessions WHERE id=?", (session_id,)).fetchone()
+            if row is None:
+                raise UnknownSession(f"no session '{session_id}'")
+            c.execute("DELETE FROM messages WHERE session_id=? AND seq>=?", (session_id, first_seq))
+            for i, m in enumerate(messages):
+                c.execute(
+                    "INSERT INTO messages (session_id, seq, role, content, created, cancelled, stats, token_ids) VALUES (?,?,?,?,?,?,?,?)",
+                    (session_id, first_seq + i, m.role, m.content, m.created, int(m.cancelled),
+                     None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
+                )  # fmt: skip
+            sets, args = ["updated=?"], [now]
+            if not row[1]:
+                first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (session_id,)).fetchone()
+                sets.append("title=?")
+                args.append(derive_title(first[0]) if first else "")
+            if window_start is not None:
+                sets.append("window_start=?")
+                args.append(window_start)
+            if memory_note is not None:
+                sets.append("memory_note=?")
+                args.append(memory_note)
+            c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
+
+    def update_meta(self, session_id: str, **fields) -> None:
+        allowed = {"model", "backend", "settings", "system"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"not a session field: {', '.join(sorted(bad))}")
+        if "settings" in fields:
+            fields["settings"] = json.dumps(fields["settings"] or {}, sort_keys=True)
+        if not fields:
+            return
+        with self._tx() as c:
+            c.execute(f"UPDATE sessions SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), session_id))
+
+    def rename(self, session_id: str, title: str) -> None:
+        sid = self.resolve(session_id)
+        title = " ".join(title.split())
+        with self._tx() as c:
+            if title:
+                c.execute("UPDATE sessions SET title=?, title_set=1 WHERE id=?", (title, sid))
+            else:  # an empty name goes back to the one derived from the first message
+                first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (sid,)).fetchone()
+                c.execute("UPDATE sessions SET title=?, title_set=0 WHERE id=?", (derive_title(first[0]) if first else "", sid))
+
+    def delete(self, session_id: str) -> str:
+        sid = self.resolve(session_id)
+        with self._tx() as c:
+            c.execute("DELETE FROM sessions WHERE id=?", (sid,))  # messages go with it (ON DELETE CASCADE)
+        from .kvsnap import snapshot_path
+
+        snapshot_path(self, sid).unlink(missing_ok=True)
+        return sid
+
+    def list_sessions(self, search: str | None = None) -> list[SessionInfo]:
+        """Newest first; ``search`` matches the title or any message text (case-insensitive)."""
+        q = (
+            "SELECT s.id, s.title, s.created, s.updated, s.model, s.backend, "
+            "(SELECT count(*) FROM messages m WHERE m.session_id = s.id) FROM sessions s"
+        )
+        args: tuple = ()
+        if search and search.strip():
+            pat = "%" + search.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            q += (" WHERE s.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m WHERE m.session_id = s.id "
+                  "AND m.content LIKE ? ESCAPE '\\')")  # fmt: skip
+            args = (pat, pat)
+        q += " ORDER BY s.updated DESC, s.rowid DESC"
+        with self._lock:
+            rows = self.conn.execute(q, args).fetchall()
+        return [SessionInfo(*r) for r in rows]
+
+    def get(self, session_id: str) -> SessionRecord:
+        sid = self.resolve(session_id)
+        with self._lock:
+            r = self.conn.execute(
+                "SELECT id, title, created, updated, model, backend, settings, system, window_start, memory_note, title_set "
+                "FROM sessions WHERE id=?",
+                (sid,),
+            ).fetchone()
+            if r is None:
+                raise UnknownSession(f"no session '{session_id}'")
+            msgs = self.conn.execute(
+                "SELECT role, content, created, cancelled, stats, token_ids FROM messages WHERE session_id=? ORDER BY seq", (sid,)
+            ).fetchall()
+        rec = SessionRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}"), r[7], r[8], r[9], bool(r[10]))
+        rec.messages = [
+            StoredMessage(m[0], m[1], m[2], bool(m[3]), None if m[4] is None else json.loads(m[4]), None if m[5] is None else json.loads(m[5]))
+            for m in msgs
+        ]
+        return rec
+
+    def insert_record(self, rec: SessionRecord) -> str:
+        """Write a whole session (import) in one transaction; keeps ``rec.id`` unless taken. Returns the id."""
+        with self._tx() as c:
+            sid = rec.id or new_id()
+            while c.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone():
+                sid = new_id()
+            c.execute(
+                "INSERT INTO sessions (id, title, title_set, created, updated, model, backend, settings, system, window_start, memory_note) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (sid, rec.title, int(rec.title_set), rec.created, rec.updated, rec.model, rec.backend,
+                 json.dumps(rec.settings, sort_keys=True), rec.system, rec.window_start, rec.memory_note),
+            )  # fmt: skip
+            for i, m in enumerate(rec.messages):
+                c.execute(
+                    "INSERT INTO messages (session_id, seq, role, content, created, cancelled, stats, token_ids) VALUES (?,?,?,?,?,?,?,?)",
+                    (sid, i, m.role, m.content, m.created, int(m.cancelled),
+                     None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
+                )  # fmt: skip
+        return sid

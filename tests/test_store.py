@@ -1,0 +1,318 @@
+"""The session store on real SQLite files: schema, permissions, autosave, restore, KV snapshots, transcripts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from fmchat.store import SCHEMA_VERSION, Recorder, Store, StoreError, UnknownSession, kvsnap, open_session, rebuild_cache
+from fmchat.store import transcript
+from fmchat.store.db import derive_title
+from fmchat.engine import TurnStarted, TurnDone
+
+from conftest import make_session
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def record_turn(session, recorder, text) -> TurnDone:
+    """One turn with the app's autosave points: user message at TurnStarted, reply at TurnDone."""
+    done = None
+    for ev in session.turn(text):
+        if isinstance(ev, TurnStarted):
+            recorder.sync(session)
+        elif isinstance(ev, TurnDone):
+            done = ev
+            recorder.sync(session)
+    return done
+
+
+def test_schema_wal_permissions_and_cascade(tmp_path):
+    path = tmp_path / "d" / "sessions.db"
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        sid = store.create_session(model="m", backend="transformers")
+        from fmchat.store import StoredMessage
+
+        store.append_messages(sid, 0, [StoredMessage("user", "  Hello\n  world  ", 1.0), StoredMessage("assistant", "hi", 2.0)])
+        for side in ("", "-wal", "-shm"):
+            p = str(path) + side
+            if os.path.exists(p):
+                assert mode(p) == 0o600, side
+        assert mode(path.parent) == 0o700
+        info = store.list_sessions()
+        assert [(i.id, i.title, i.message_count) for i in info] == [(sid, "Hello world", 2)]
+        store.delete(sid)
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0  # ON DELETE CASCADE
+    assert derive_title("x" * 100).endswith("…") and len(derive_title("x" * 100)) == 60
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "sessions.db"
+    Store(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 5}")
+    con.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(StoreError, match="newer fmchat"):
+        Store(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not os.path.exists(str(path) + "-wal")
+
+
+def test_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "sessions.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a readable database"):
+        Store(path)
+
+
+def test_search_rename_delete_and_unknown_ids(tmp_path):
+    from fmchat.store import StoredMessage
+
+    with Store(tmp_path / "s.db") as store:
+        a = store.create_session(model="m")
+        store.append_messages(a, 0, [StoredMessage("user", "about penguins", 1.0), StoredMessage("assistant", "they swim", 2.0)])
+        b = store.create_session(model="m")
+        store.append_messages(b, 0, [StoredMessage("user", "100% sure_thing", 3.0)])
+        assert [s.id for s in store.list_sessions()] == [b, a]  # newest first
+        assert [s.id for s in store.list_sessions("SWIM")] == [a]  # message text, case-insensitive
+        assert [s.id for s in store.list_sessions("100%")] == [b]  # LIKE wildcards are literal
+        assert store.list_sessions("0% s_x") == []
+        store.rename(a, "Birds")
+        store.append_messages(a, 2, [StoredMessage("user", "more", 4.0)])
+        assert store.get(a).title == "Birds"  # a chosen title is kept as the chat goes on
+        store.rename(a, "")
+        assert store.get(a).title == "about penguins"
+        assert store.resolve(a[:6]) == a
+        with pytest.raises(UnknownSession, match="no session 'zzz'"):
+            store.get("zzz")
+        with pytest.raises(UnknownSession):
+            store.delete("")
+
+
+def test_autosave_restore_round_trip_and_retry(tiny_model, tmp_path):
+    store = Store(tmp_path / "s.db")
+    s1 = make_session(tiny_model, system="Be brief.")
+    rec1 = Recorder(store, spec=str(tiny_model))
+    record_turn(s1, rec1, "Hello!")
+    record_turn(s1, rec1, "Tell me more.")
+    sid = rec1.session_id
+    saved = store.get(sid)
+    assert [m.role for m in saved.messages] == ["user", "assistant", "user", "assistant"]
+    assert saved.system == "Be brief." and saved.title == "Hello!" and saved.model == tiny_model.name
+    assert saved.settings["model_spec"] == str(tiny_model.resolve()) and saved.settings["dtype"] == "float32"
+    assert saved.messages[1].stats["generated_tokens"] == s1.messages[1].stats.generated_tokens
+    assert saved.messages[1].token_ids == s1.messages[1].token_ids
+
+    # retry: the last exchange is popped and sent again; the store follows exactly
+    text = s1.pop_last_exchange()
+    record_turn(s1, rec1, text)
+    again = store.get(sid)
+    assert [m.content for m in again.messages] == [m.content for m in s1.messages]
+
+    s2 = make_session(tiny_model)
+    rec2, rec = open_session(store, sid, s2)
+    assert [(m.role, m.content, m.cancelled) for m in s2.messages] == [(m.role, m.content, m.cancelled) for m in s1.messages]
+    assert s2.config.system == "Be brief." and s2.messages[1].stats.generated_tokens == s1.messages[1].stats.generated_tokens
+    record_turn(s2, rec2, "And finally?")
+    assert len(store.get(sid).messages) == 6
+    assert len(store.list_sessions()) == 1
+    store.close()
+
+
+def test_cancelled_reply_is_saved_as_cancelled(tiny_model, tmp_path):
+    store = Store(tmp_path / "s.db")
+    s = make_session(tiny_model, max_new_tokens=50)
+    rec = Recorder(store)
+    for ev in s.turn("Go on and on"):
+        if isinstance(ev, TurnStarted):
+            rec.sync(s)
+            assert [m.role for m in store.get(rec.session_id).messages] == ["user"]  # committed before generation
+            s.cancel()
+        elif isinstance(ev, TurnDone):
+            rec.sync(s)
+    msgs = store.get(rec.session_id).messages
+    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].cancelled and msgs[1].stats["finish_reason"] == "cancelled"
+
+
+def test_kv_snapshot_resume_equals_continuous_and_full_prefill(tiny_model, tmp_path):
+    store = Store(tmp_path / "s.db")
+    s1 = make_session(tiny_model, max_new_tokens=10)
+    rec = Recorder(store)
+    record_turn(s1, rec, "Hello there, how are you?")
+    sid = rec.session_id
+    path = kvsnap.save(store, sid, s1)
+    assert path is not None and mode(path) == 0o600
+    continuous = s1.run_turn("What did I ask first?").reply
+
+    s2 = make_session(tiny_model, max_new_tokens=10)
+    open_session(store, sid, s2)
+    r = rebuild_cache(s2, store, sid)
+    assert r["snapshot"] == "ok" and r["restored"] > 0
+    assert r["restored"] + r["prefilled"] == len(s2.ledger) == s2.backend.cached_tokens()
+    cached = len(s2.ledger)
+    done = s2.run_turn("What did I ask first?")
+    assert done.reply == continuous
+    assert done.stats.reused_tokens == cached  # the whole saved transcript came from the cache
+
+    s3 = make_session(tiny_model, max_new_tokens=10)
+    open_session(store, sid, s3)
+    r3 = rebuild_cache(s3, store, sid, use_snapshot=False)
+    assert r3["restored"] == 0 and r3["prefilled"] > 0
+    assert s3.run_turn("What did I ask first?").reply == continuous  # greedy: same reply without the snapshot
+
+    # A snapshot that disagrees with the transcript is cut back to the agreeing prefix, never trusted whole.
+    store.conn.execute("UPDATE messages SET content='Something else entirely' WHERE session_id=? AND seq=0", (sid,))
+    s4 = make_session(tiny_model, max_new_tokens=10)
+    open_session(store, sid, s4)
+    r4 = rebuild_cache(s4, store, sid)
+    rendered = s4.backend.render(s4.template_messages(), add_generation_prompt=False)
+    assert r4["restored"] < r["restored"] and s4.ledger == rendered
+
+    # Damaged file: ignored, rebuilt by prefill.
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    s5 = make_session(tiny_model, max_new_tokens=10)
+    open_session(store, sid, s5)
+    r5 = rebuild_cache(s5, store, sid)
+    assert r5["restored"] == 0 and "unreadable" in r5["snapshot"] and r5["prefilled"] == len(s5.ledger) > 0
+    store.close()
+
+
+def test_kv_snapshot_from_another_configuration_is_ignored(tiny_model, tmp_path):
+    from fmchat import backends
+    from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
+
+    store = Store(tmp_path / "s.db")
+    s1 = make_session(tiny_model)
+    rec = Recorder(store)
+    record_turn(s1, rec, "Hi")
+    kvsnap.save(store, rec.session_id, s1)
+    b = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="eager"))
+    s2 = ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=8, temperature=0.0, seed=0)))
+    open_session(store, rec.session_id, s2)
+    r = rebuild_cache(s2, store, rec.session_id)
+    assert r["restored"] == 0 and "another model" in r["snapshot"] and r["prefilled"] > 0
+    store.delete(rec.session_id)
+    assert not kvsnap.snapshot_path(store, rec.session_id).exists()
+    store.close()
+
+
+def test_prefill_transcript_reports_progress_and_makes_the_next_turn_reuse_it(tiny_model):
+    s = make_session(tiny_model)
+    s.run_turn("One")
+    s.run_turn("Two")
+    msgs = list(s.messages)
+    fresh = make_session(tiny_model)
+    fresh.messages[:] = msgs
+    seen = []
+    n = fresh.prefill_transcript(lambda done, total: seen.append((done, total)))
+    total = len(fresh.backend.render(fresh.template_messages(), add_generation_prompt=False))
+    assert n == total == len(fresh.ledger) and seen[-1] == (total, total)
+    done = fresh.run_turn("Three")
+    assert done.stats.reused_tokens == total
+
+
+# ---------------------------------------------------------------- transcripts
+def _sample(store) -> str:
+    from fmchat.store import StoredMessage
+
+    sid = store.create_session(model="tiny", backend="transformers", settings={"dtype": "float32", "seed": 0}, system="sys")
+    store.append_messages(sid, 0, [
+        StoredMessage("user", "Héllo \u2603 \"quoted\"\n", 1700000000.123456),
+        StoredMessage("assistant", "partial", 1700000001.5, cancelled=True, stats={"ttft_ms": 12.5, "generated_tokens": 3}, token_ids=[1, 2, 3]),
+    ], window_start=1, memory_note="note")  # fmt: skip
+    return sid
+
+
+def test_json_export_import_round_trips_exactly(tmp_path):
+    with Store(tmp_path / "a.db") as a:
+        sid = _sample(a)
+        text = transcript.to_json(a.get(sid))
+        md = transcript.to_markdown(a.get(sid))
+    assert "## You" in md and "## Assistant (cancelled)" in md and "Héllo" in md
+    f = tmp_path / "t.json"
+    transcript.write_private(f, text)
+    assert mode(f) == 0o600
+    with Store(tmp_path / "b.db") as b:
+        new = b.insert_record(transcript.read_file(f))
+        assert new == sid
+        assert transcript.to_json(b.get(new)) == text
+        again = b.insert_record(transcript.read_file(f))  # the id is taken: a new one, same content
+        assert again != sid
+        d1, d2 = json.loads(transcript.to_json(b.get(again))), json.loads(text)
+        d1["session"].pop("id"), d2["session"].pop("id")
+        assert d1 == d2
+
+
+def _bad_files(tmp_path, good: str) -> dict:
+    data = json.loads(good)
+    cases = {
+        "malformed": "{not json",
+        "truncated": good[: len(good) // 2],
+        "empty": "",
+        "wrong_version": json.dumps({**data, "version": 99}),
+        "wrong_format": json.dumps({**data, "format": "something"}),
+        "bad_role": json.dumps({**data, "messages": [{**data["messages"][0], "role": "robot"}]}),
+        "not_object": "[1, 2, 3]",
+        "bad_window": json.dumps({**data, "session": {**data["session"], "window_start": 7}}),
+    }
+    out = {}
+    for name, text in cases.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(text)
+        out[name] = p
+    big = tmp_path / "oversized.json"
+    with open(big, "wb") as f:
+        f.truncate(transcript.MAX_IMPORT_BYTES + 1)  # sparse: no real 50 MB written
+    out["oversized"] = big
+    return out
+
+
+def test_bad_transcripts_are_refused_with_one_error(tmp_path):
+    with Store(tmp_path / "a.db") as a:
+        good = transcript.to_json(a.get(_sample(a)))
+    expect = {"malformed": "not valid JSON", "truncated": "not valid JSON", "empty": "empty file", "wrong_version": "version 99",
+              "wrong_format": "not an fmchat transcript", "bad_role": "role", "not_object": "expected a JSON object",
+              "oversized": "import limit", "bad_window": "window_start"}  # fmt: skip
+    for name, path in _bad_files(tmp_path, good).items():
+        with pytest.raises(transcript.TranscriptError, match=expect[name]):
+            transcript.read_file(path)
+    with pytest.raises(transcript.TranscriptError, match="no such file"):
+        transcript.read_file(tmp_path / "missing.json")
+
+
+WRITER = """
+import sys
+from fmchat.store import Store, StoredMessage
+s = Store(sys.argv[1])
+for i in range(40):
+    sid = s.create_session(model=sys.argv[2])
+    s.append_messages(sid, 0, [StoredMessage("user", f"{sys.argv[2]} {i}", 1.0), StoredMessage("assistant", "ok", 2.0)])
+    s.list_sessions()
+s.close()
+"""
+
+
+def test_two_processes_share_one_database(tmp_path):
+    path = tmp_path / "shared.db"
+    Store(path).close()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name]) for name in ("p1", "p2")]
+    assert [p.wait() for p in procs] == [0, 0]
+    with Store(path) as s:
+        assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = s.list_sessions()
+        assert len(rows) == 80 and all(r.message_count == 2 for r in rows)
+        assert {r.model for r in rows} == {"p1", "p2"}
