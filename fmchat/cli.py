@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks whose numbers the README quotes.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+sessions_app = typer.Typer(help="Saved conversations: list, show, export, import, remove.", no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
 
 
 class UserError(Exception):
@@ -141,10 +143,14 @@ def read_script(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- root: the TUI
-def launch_tui(threads: int | None = None, **flags) -> None:
+def launch_tui(threads: int | None = None, session_id: str | None = None, **flags) -> None:
     """Open the full-screen app: settings from the config file, then the CLI flags (non-None) on top."""
     from fmchat import models
     from fmchat import settings as settings_mod
+
+    if session_id is not None:
+        with open_store() as store:
+            session_id = resolve_session(store, session_id)
 
     try:
         file_settings = settings_mod.load()
@@ -168,7 +174,7 @@ def launch_tui(threads: int | None = None, **flags) -> None:
         settings.theme = settings_mod.DEFAULT_THEME  # a theme file that went away: fall back quietly
     from fmchat.tui.app import FmchatApp
 
-    FmchatApp(settings, file_settings=file_settings, cli_overrides=overrides, threads=threads).run()
+    FmchatApp(settings, file_settings=file_settings, cli_overrides=overrides, threads=threads, session_id=session_id).run()
 
 
 @app.callback(invoke_without_command=True)
@@ -186,15 +192,16 @@ def root(
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")] = None,
     threads: ThreadsOpt = None,
+    session_id: Annotated[str | None, typer.Option("--session", help="Open this saved session (fmchat sessions list).")] = None,
 ) -> None:
-    """Without a command, fmchat opens the full-screen chat app (settings: F2; keys: F1)."""
+    """Without a command, fmchat opens the full-screen chat app (settings: F2; keys: F1; sessions: F4)."""
     if version:
         typer.echo(f"fmchat {__version__}")
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
         try:
             launch_tui(
-                threads, model=model, kv_cache=kv_cache, backend=backend, quant=quant, kernel=kernel, ctx=ctx_size,
+                threads, session_id=session_id, model=model, kv_cache=kv_cache, backend=backend, quant=quant, kernel=kernel, ctx=ctx_size,
                 system=system, theme=theme, device=device, dtype=dtype,
             )  # fmt: skip
         except UserError as exc:
@@ -224,8 +231,13 @@ def run(
     api_model: ApiModelOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     memory: MemoryOpt = "shift",
+    session_id: Annotated[str | None, typer.Option("--session", help="Continue this saved session.")] = None,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="Save the conversation as a session.")] = True,
 ) -> None:
-    """Run one conversation headless: each PROMPT (or stdin line, or --script turn) is a user turn."""
+    """Run one conversation headless: each PROMPT (or stdin line, or --script turn) is a user turn.
+
+    The conversation is saved as a session (its id goes to stderr as 'session: ID'); --session ID continues one.
+    """
     from fmchat.backends.openai_backend import BackendError
     from fmchat.engine import ContextOverflow, TextDelta, TurnDone
     from fmchat.text import neutralize
@@ -244,6 +256,14 @@ def run(
         for i, t in enumerate(turns, 1):
             if not t.strip():
                 raise UserError(f"turn {i}: empty prompt")
+        store = rec = None
+        if save or session_id is not None:
+            store = open_store()
+        if session_id is not None:
+            rec = store.get(resolve_session(store, session_id))
+            model = model or rec.settings.get("model_spec") or None
+            if system is None:
+                system = rec.system
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
@@ -252,9 +272,42 @@ def run(
     except UserError as exc:
         raise fail(str(exc)) from None
 
+    recorder = None
+    if store is not None:
+        from fmchat.store import Recorder, kvsnap, open_session, rebuild_cache
+
+        if rec is not None:
+            recorder, rec = open_session(store, rec.id, session, spec=model)
+            session.config.system = system
+            typer.echo(f"session: {rec.id}", err=True)
+            r = rebuild_cache(session, store, rec.id)
+            typer.echo(
+                f"[fmchat] resumed {len(session.messages)} messages: {r['restored']} tokens from the KV snapshot"
+                f" ({r['snapshot']}), {r['prefilled']} prefilled",
+                err=True,
+            )
+        else:
+            recorder = Recorder(store, spec=model)
+
+    def record() -> None:
+        if recorder is None:
+            return
+        had = recorder.session_id
+        try:
+            recorder.sync(session)
+        except Exception as exc:  # the chat goes on; say that it is not being saved
+            typer.echo(f"fmchat: warning: could not save the session: {exc}", err=True)
+            return
+        if had is None and recorder.session_id is not None:
+            typer.echo(f"session: {recorder.session_id}", err=True)
+
+    from fmchat.engine import TurnStarted
+
     for i, text in enumerate(turns, 1):
         try:
             for ev in session.turn(text):
+                if isinstance(ev, TurnStarted):
+                    record()  # the user message is on disk before generation starts
                 if isinstance(ev, TextDelta) and not json_out:
                     sys.stdout.write(neutralize(ev.text))
                     sys.stdout.flush()
@@ -265,10 +318,18 @@ def run(
                         sys.stdout.write("\n")
                         sys.stdout.flush()
                         typer.echo(stats_line(ev.stats), err=True)
+                    record()  # the reply, as soon as it is complete (or cancelled)
         except ContextOverflow as exc:
             raise fail(f"turn {i}: {exc}") from None
         except BackendError as exc:  # the server failed; say so in one line
             raise fail(f"turn {i}: {exc}", code=1) from None
+        finally:
+            record()
+    if recorder is not None and recorder.session_id is not None:
+        try:
+            kvsnap.save(store, recorder.session_id, session)
+        except Exception as exc:
+            typer.echo(f"fmchat: warning: could not save the KV snapshot: {exc}", err=True)
 
 
 # ---------------------------------------------------------------- chat (plain REPL)
@@ -541,6 +602,131 @@ def bench_load_cmd(
         bench_load(model, device=device, dtype=dtype, repeats=repeats, json_out=json_out)
     except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
         raise fail(str(exc)) from None
+
+
+# ---------------------------------------------------------------- sessions
+def open_store(path: Path | None = None):
+    """The session store, or UserError (e.g. a database written by a newer fmchat: left untouched)."""
+    from fmchat.store import Store, StoreError
+
+    try:
+        return Store(path)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+
+
+def resolve_session(store, session_id: str) -> str:
+    from fmchat.store import UnknownSession
+
+    try:
+        return store.resolve(session_id)
+    except UnknownSession as exc:
+        raise UserError(str(exc)) from None
+
+
+def _when(t: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+
+@sessions_app.command("list")
+def sessions_list(
+    search: Annotated[str | None, typer.Option("--search", "-s", help="Only sessions whose title or text contains this.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Saved sessions, newest first."""
+    try:
+        with open_store() as store:
+            rows = store.list_sessions(search)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    if json_out:
+        print(json.dumps([{"id": r.id, "title": r.title, "model": r.model, "backend": r.backend, "created": r.created,
+                           "updated": r.updated, "messages": r.message_count} for r in rows]))  # fmt: skip
+        return
+    if not rows:
+        typer.echo("no saved sessions" + (f" matching '{search}'" if search else ""))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from fmchat.text import neutralize
+
+    table = Table("id", "title", "model", "updated", "messages")
+    for r in rows:
+        table.add_row(r.id, Text(neutralize(r.title)), Text(neutralize(r.model)), _when(r.updated), str(r.message_count))
+    Console(highlight=False).print(table)
+
+
+@sessions_app.command("show")
+def sessions_show(session_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a session as Markdown."""
+    from fmchat.store import transcript
+    from fmchat.text import neutralize
+
+    try:
+        with open_store() as store:
+            rec = store.get(resolve_session(store, session_id))
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    sys.stdout.write(neutralize(transcript.to_markdown(rec)))
+
+
+@sessions_app.command("export")
+def sessions_export(
+    session_id: Annotated[str, typer.Argument(metavar="ID")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="md | json")] = "md",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to FILE (0600) instead of stdout.")] = None,
+) -> None:
+    """Export a session as Markdown or as the versioned JSON transcript (docs/sessions.md)."""
+    from fmchat.store import transcript
+
+    try:
+        if fmt not in ("md", "json"):
+            raise UserError(f"--format {fmt}: use md or json")
+        with open_store() as store:
+            rec = store.get(resolve_session(store, session_id))
+        text = transcript.to_json(rec) if fmt == "json" else transcript.to_markdown(rec)
+        if output is None:
+            sys.stdout.write(text)
+            return
+        try:
+            transcript.write_private(output, text)
+        except OSError as exc:
+            raise UserError(f"-o {output}: cannot write ({exc.strerror})") from None
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"wrote {output}", err=True)
+
+
+@sessions_app.command("import")
+def sessions_import(file: Annotated[Path, typer.Argument(metavar="FILE", help="A JSON transcript (fmchat sessions export --format json).")]) -> None:
+    """Import a JSON transcript as a new session (its id kept unless taken); prints the id."""
+    from fmchat.store import transcript
+
+    try:
+        try:
+            rec = transcript.read_file(file)  # everything is checked before anything is written
+        except transcript.TranscriptError as exc:
+            raise UserError(f"import: {exc}; nothing was imported") from None
+        with open_store() as store:
+            sid = store.insert_record(rec)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(sid)
+
+
+@sessions_app.command("rm")
+def sessions_rm(session_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Delete a session (and its KV snapshot)."""
+    try:
+        with open_store() as store:
+            sid = store.delete(resolve_session(store, session_id))
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"deleted {sid}", err=True)
 
 
 def main() -> None:

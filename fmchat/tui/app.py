@@ -26,6 +26,7 @@ from fmchat.settings import Settings
 from fmchat.text import neutralize
 
 from .screens.help import HelpScreen
+from .screens.sessions import ConfirmScreen, RenameScreen, SessionDeleted, SessionsScreen
 from .screens.settings import SettingsScreen
 from .themes import load_themes
 from .widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
@@ -69,6 +70,24 @@ class TurnEnded(Message):
     pass
 
 
+class RestoreStep(Message):
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__()
+        self.done, self.total = done, total
+
+
+class RestoreDone(Message):
+    def __init__(self, result: dict | None, error: str | None, seconds: float) -> None:
+        super().__init__()
+        self.result, self.error, self.seconds = result, error, seconds
+
+
+class SaveFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
 class FmchatApp(App):
     CSS_PATH = "fmchat.tcss"
     TITLE = "fmchat"
@@ -81,6 +100,7 @@ class FmchatApp(App):
         Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
         Binding("f2", "settings", "Settings"),
         Binding("f3", "toggle_panel", "Panel"),
+        Binding("f4", "sessions", "Sessions", show=False),
         Binding("ctrl+t", "change_theme", "Theme", show=False),
         Binding("f1", "help", "Keys"),
         Binding("pageup", "scroll_chat(-1)", "Scroll up", show=False),
@@ -97,8 +117,19 @@ class FmchatApp(App):
         threads: int | None = None,
         file_settings: Settings | None = None,
         cli_overrides: dict | None = None,
+        session_id: str | None = None,
+        store=None,
+        save_sessions: bool = True,
     ) -> None:
         super().__init__()
+        # Saved sessions (fmchat.store): every message is committed as it happens; ``store`` is a Store or a
+        # database path (default: the user data dir); ``session_id`` opens that saved chat once the model is up.
+        self.store = store
+        self.save_sessions = save_sessions
+        self.recorder = None
+        self.restoring = False
+        self._resume_id = session_id
+        self._save_warned = False
         self.settings = settings or Settings()
         # What the config file held, and the CLI flags laid over it: flags are not written back to the file
         # unless the user changes that setting in the app.
@@ -151,7 +182,21 @@ class FmchatApp(App):
         panel.refresh_state()
         self.set_interval(PANEL_REFRESH_S, self._tick)
         self.query_one(ChatInput).focus()
+        self._open_store()
         self.start_load(self.settings, previous=None)
+
+    def _open_store(self) -> None:
+        from fmchat.store import Store, StoreError
+
+        if not self.save_sessions:
+            self.store = None
+            return
+        if self.store is None or not isinstance(self.store, Store):
+            try:
+                self.store = Store(self.store)
+            except StoreError as exc:
+                self.store = None
+                self.note(f"sessions are not saved: {exc}", "error")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -281,9 +326,23 @@ class FmchatApp(App):
             gen = GenerationConfig(s.max_new_tokens, s.temperature, s.top_p, s.seed)
             self.session = ChatSession(backend, SessionConfig(system=s.system, kv_cache=s.kv_cache, ctx=s.ctx, gen=gen))
             self._set_memory_policy(s.memory_policy)
+            if self.store is not None:
+                from fmchat.store import Recorder
+
+                self.recorder = Recorder(self.store, spec=s.model)
+                if self._resume_id is not None:
+                    sid, self._resume_id = self._resume_id, None
+                    self.restoring = True  # a message typed meanwhile waits for the restore
+                    self.call_later(self.open_saved, sid)
         else:
             self.session.replace_backend(backend)
             self.session.config.ctx = s.ctx
+            if self.recorder is not None:
+                self.recorder.spec = s.model
+                try:
+                    self.recorder.update_settings(self.session)
+                except Exception as exc:
+                    self.note(f"could not save the session settings: {exc}", "error")
         self.loading = False
         self.query_one("#load-status").display = False
         r = backend.load_report
@@ -295,7 +354,7 @@ class FmchatApp(App):
             self.note("the conversation carries on: the next turn rebuilds the KV cache from the transcript")
         self.save_settings()
         self.refresh_panel_from_session()
-        if self._queued is not None:
+        if self._queued is not None and not self.restoring:
             text, self._queued = self._queued, None
             self.send(text)
 
@@ -314,6 +373,11 @@ class FmchatApp(App):
     # ------------------------------------------------------------------ chatting
     @on(ChatInput.Submitted)
     def _on_submit(self, msg: ChatInput.Submitted) -> None:
+        if self.restoring and not self.loading and self._queued is None:
+            self._queued = msg.text
+            self.query_one(ChatInput).clear()
+            self.note("the session is being restored: your message goes out as soon as it is ready")
+            return
         if self.loading and self.session is None and self._queued is None:
             # First load still running: keep the message and send it as soon as the model is ready.
             self._queued = msg.text
@@ -347,17 +411,42 @@ class FmchatApp(App):
     def _turn_worker(self, text: str) -> None:
         from fmchat.engine import ContextOverflow, EmptyPrompt, TurnInProgress
 
+        from fmchat.engine import TurnDone, TurnStarted
+
         started = False
+        done = False
         try:
             for ev in self.session.turn(text):
                 started = True
+                if isinstance(ev, (TurnStarted, TurnDone)):
+                    self._autosave()  # the user message before generation; the reply when it ends
+                    done = done or isinstance(ev, TurnDone)
                 self.post_message(TurnEvent(ev))
         except (ContextOverflow, EmptyPrompt, TurnInProgress) as exc:
             self.post_message(TurnFailed(str(exc), text, before_start=not started))
         except Exception as exc:  # shown in the chat, never as a traceback
             self.post_message(TurnFailed(f"{type(exc).__name__}: {exc}", text, before_start=not started))
         finally:
+            self._autosave(snapshot=done)
             self.post_message(TurnEnded())
+
+    def _autosave(self, snapshot: bool = False) -> None:
+        """Commit what changed in the conversation (worker thread); after a reply, the KV snapshot too."""
+        if self.recorder is None or self.session is None:
+            return
+        try:
+            self.recorder.sync(self.session)
+            if snapshot and self.recorder.session_id is not None:
+                from fmchat.store import kvsnap
+
+                kvsnap.save(self.store, self.recorder.session_id, self.session)
+        except Exception as exc:
+            if not self._save_warned:
+                self._save_warned = True
+                self.post_message(SaveFailed(f"{type(exc).__name__}: {exc}"))
+
+    def on_save_failed(self, msg: SaveFailed) -> None:
+        self.note(f"could not save the session: {msg.error}", "error")
 
     async def on_turn_event(self, msg: TurnEvent) -> None:
         from fmchat.engine import TextDelta, TurnDone, TurnStarted
@@ -427,7 +516,7 @@ class FmchatApp(App):
 
     # ------------------------------------------------------------------ actions
     def action_cancel(self) -> None:
-        if self.generating and self.session is not None:
+        if (self.generating or self.restoring) and self.session is not None:
             self.session.cancel()
         elif self.loading:
             self.notify("the model is loading; it cannot be cancelled half-way", severity="warning")
@@ -436,8 +525,13 @@ class FmchatApp(App):
         if self.generating:
             self._defer(self.action_new_chat, "start a new chat")
             return
+        if self.restoring:
+            self.notify("the session is being restored: press Escape to stop it first", severity="warning")
+            return
         if self.session is not None:
             self.session.reset()
+        if self.recorder is not None:
+            self.recorder.detach()  # the next message starts a new saved session
         self.query_one("#chat", VerticalScroll).remove_children()
         st = self.query_one(InferencePanel).state
         st.reused = st.prefilled = st.memory_last = None
@@ -521,6 +615,140 @@ class FmchatApp(App):
             self.note("settings applied")
         self.refresh_panel_from_session()
 
+    # ------------------------------------------------------------------ saved sessions
+    @property
+    def current_session_id(self) -> str | None:
+        return None if self.recorder is None else self.recorder.session_id
+
+    def action_sessions(self, search: bool = False) -> None:
+        if not isinstance(self.screen, SessionsScreen):
+            self.push_screen(SessionsScreen(self.store, self.current_session_id, search=search), self._sessions_result)
+
+    def action_search_sessions(self) -> None:
+        self.action_sessions(search=True)
+
+    def _sessions_result(self, result) -> None:
+        if not result:
+            return
+        what, sid = result
+        if what == "new":
+            self.action_new_chat()
+        elif what == "open" and sid is not None:
+            self.call_later(self.open_saved, sid)
+
+    def action_rename_session(self) -> None:
+        sid = self.current_session_id
+        if sid is None or self.store is None:
+            self.notify("this chat is not saved yet: send a message first")
+            return
+        from fmchat.store import StoreError
+
+        def done(title: str | None) -> None:
+            if title is not None:
+                try:
+                    self.store.rename(sid, title)
+                except StoreError as exc:
+                    self.note(f"could not rename: {exc}", "error")
+                    return
+                self.notify(f"renamed to “{self.store.get(sid).title}”")
+
+        self.push_screen(RenameScreen(self.store.get(sid).title), done)
+
+    def action_delete_session(self) -> None:
+        sid = self.current_session_id
+        if sid is None or self.store is None:
+            self.notify("this chat is not saved yet")
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                if self.generating:
+                    self._defer(lambda: done(True), "delete the session")
+                    return
+                self.store.delete(sid)
+                self.post_message(SessionDeleted(sid))
+
+        self.push_screen(ConfirmScreen(f"Delete this chat (session {sid})? This cannot be undone."), done)
+
+    def on_session_deleted(self, msg: SessionDeleted) -> None:
+        if self.recorder is not None and self.recorder.session_id == msg.session_id:
+            self.recorder.detach()
+            self.note("this chat was deleted from the saved sessions; sending a message saves it as a new one")
+
+    async def open_saved(self, session_id: str) -> None:
+        """Show a saved chat and rebuild the engine state from it (KV snapshot, else a background prefill)."""
+        from fmchat.store import StoreError, open_session
+
+        if self.generating:
+            self._defer(lambda: self.call_later(self.open_saved, session_id), "open the session")
+            return
+        if self.session is None or self.store is None or self.loading:
+            self.restoring = False
+            self.notify("no model loaded yet" if self.session is None else "sessions are not available", severity="warning")
+            return
+        try:
+            self.recorder, rec = open_session(self.store, session_id, self.session, spec=self.settings.model)
+        except StoreError as exc:
+            self.restoring = False
+            self.note(f"could not open the session: {exc}", "error")
+            return
+        chat = self.query_one("#chat", VerticalScroll)
+        await chat.remove_children()
+        model = self.session.backend.model_name
+        for m in self.session.messages:
+            if m.role == "user":
+                await chat.mount(UserMessage(m.content))
+            elif m.role == "assistant":
+                w = AssistantMessage(rec.model or model)
+                await chat.mount(w)
+                w.text = neutralize(m.content)
+                if w.text:
+                    await w.markdown.update(w.text)
+                await w.finish(m.stats, note=None if m.stats else "restored")
+            else:
+                self.note(f"system: {m.content}")
+        chat.anchor()
+        self.note(f"session “{rec.title or rec.id}” ({len(rec.messages)} messages, saved as {rec.id})")
+        if rec.model and rec.model != model:
+            self.note(f"this chat was recorded with {rec.model}; it carries on with {model}")
+        self.restoring = True
+        status = self.query_one("#load-status")
+        status.display = True
+        self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#load-step", Static).update(Text("restoring the session…"))
+        self._restore_worker(rec.id)
+
+    @work(thread=True, exclusive=True, group="restore")
+    def _restore_worker(self, session_id: str) -> None:
+        from fmchat.store import rebuild_cache
+
+        t0 = time.perf_counter()
+        try:
+            r = rebuild_cache(self.session, self.store, session_id, lambda done, total: self.post_message(RestoreStep(done, total)))
+        except Exception as exc:  # the transcript is there; the next turn prefills what it needs
+            self.post_message(RestoreDone(None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
+            return
+        self.post_message(RestoreDone(r, None, time.perf_counter() - t0))
+
+    def on_restore_step(self, msg: RestoreStep) -> None:
+        self.query_one("#load-bar", ProgressBar).update(total=max(msg.total, 1), progress=msg.done)
+        self.query_one("#load-step", Static).update(Text(f"restoring the session: prefilled {msg.done}/{msg.total} tokens"))
+
+    def on_restore_done(self, msg: RestoreDone) -> None:
+        self.restoring = False
+        self.query_one("#load-status").display = False
+        if msg.error is not None:
+            self.note(f"could not rebuild the KV cache ({msg.error}); the next turn prefills the conversation", "error")
+        else:
+            r = msg.result
+            secs = "masked" if self.mask_volatile else f"{msg.seconds:.2f}"
+            snap = f"{r['restored']} tokens from the KV snapshot" if r["restored"] else f"KV snapshot not used: {r['snapshot']}"
+            self.note(f"restored: {snap}, {r['prefilled']} tokens prefilled in {secs} s")
+        self.refresh_panel_from_session()
+        if self._queued is not None and self.ready:
+            text, self._queued = self._queued, None
+            self.send(text)
+
     async def action_quit(self) -> None:
         if self.session is not None and self.generating:
             self.session.cancel()  # the worker stops within one token
@@ -530,6 +758,11 @@ class FmchatApp(App):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield SystemCommand("New chat", "Start a new conversation (same model and settings)", self.action_new_chat)
         yield SystemCommand("Settings", "Backend, model, quantization, kernel, KV cache, sampling…", self.action_settings)
+        yield SystemCommand("Sessions", "Saved chats: browse, open, rename, delete (F4)", self.action_sessions)
+        yield SystemCommand("Search sessions", "Find a saved chat by its text", self.action_search_sessions)
+        yield SystemCommand("Open session", "Pick a saved chat to continue", self.action_sessions)
+        yield SystemCommand("Rename session", "Give this chat a title", self.action_rename_session)
+        yield SystemCommand("Delete session", "Delete this chat from the saved sessions", self.action_delete_session)
         yield SystemCommand("Toggle panel", "Show or hide the inference panel", self.action_toggle_panel)
         yield SystemCommand("Cancel reply", "Stop the reply being generated", self.action_cancel)
         yield SystemCommand("Retry last turn", "Drop the last exchange and send its message again", self.action_retry)

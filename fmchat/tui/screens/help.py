@@ -18,6 +18,7 @@ KEYS: list[tuple[str, str]] = [
     ("Ctrl+Y", "copy the last reply to the clipboard"),
     ("F2", "settings"),
     ("F3", "show or hide the inference panel"),
+    ("F4", "saved sessions: open, search, rename, delete, new chat"),
     ("Ctrl+T", "change theme"),
     ("Ctrl+P", "command palette (every action above, and more)"),
     ("F1", "this help"),
