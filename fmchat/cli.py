@@ -54,6 +54,7 @@ BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compa
 ApiModelOpt = Annotated[str | None, typer.Option("--api-model", help="Model name on the server (default: the first it lists).")]
 MemoryOpt = Annotated[str, typer.Option("--memory", help="When the window is full: none | sliding | shift | summary")]
 GpuLayersOpt = Annotated[int, typer.Option("--gpu-layers", help="llama.cpp: layers offloaded to the GPU (-1 = all).")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="transformers: torch.compile the decode step: off | on (falls back to eager, reported).")]
 
 
 def _progress_printer(quiet: bool = False):
@@ -727,6 +728,37 @@ def sessions_rm(session_id: Annotated[str, typer.Argument(metavar="ID")]) -> Non
     except UserError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"deleted {sid}", err=True)
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    model: ModelOpt = None,
+    contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated context lengths (tokens) to decode at.")] = "128,1024,4096",
+    configs: Annotated[str, typer.Option("--configs", help="Rows: generate(),eager,compiled,compiled+int8,compiled+int4,llama.cpp")] = "generate(),eager,compiled,compiled+int8,compiled+int4,llama.cpp",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded (timed) per cell.")] = 32,
+    ttft_tokens: Annotated[int, typer.Option("--ttft-tokens", min=1, help="Prompt tokens for the TTFT column.")] = 1024,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Passes over every row; the best per cell is kept.")] = 2,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 (transformers rows)")] = "bfloat16",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decode tok/s at several contexts for generate(), eager, compiled (+int8/int4) and llama.cpp, in one run."""
+    from fmchat import backends, models
+    from fmchat.bench.decode import CONFIGS, bench_decode
+
+    try:
+        ctxs = [int(c) for c in contexts.split(",") if c.strip()]
+        chosen = [c.strip() for c in configs.split(",") if c.strip()]
+        bad = [c for c in chosen if c not in CONFIGS]
+        if bad or not ctxs or min(ctxs) < 1:
+            raise UserError(f"--configs: unknown {', '.join(bad)} (use {', '.join(CONFIGS)})" if bad else "--contexts: positive integers")
+        bench_decode(model, contexts=ctxs, configs=chosen, new_tokens=new_tokens, ttft_tokens=ttft_tokens, rounds=rounds,
+                     dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
+    except ValueError as exc:
+        raise fail(f"--contexts: {exc}" if "invalid literal" in str(exc) else str(exc)) from None
+    except (models.ModelNotFound, backends.UnknownBackend) as exc:
+        raise fail(str(exc)) from None
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ class LoadOptions:
     kernel: str = "sdpa"  # attention implementation: sdpa | eager
     quant: str = "none"  # weight quantization: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant)
     threads: int | None = None  # CPU threads (llama.cpp); None = all cores this process may use
+    compile: str = "off"  # transformers: torch.compile the one-token decode step: off | on (backends/compiled.py)
     gpu_layers: int = 0  # layers offloaded to the GPU (llama.cpp; -1 = all)
     base_url: str | None = None  # OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (openai)
     api_model: str | None = None  # model name on that server; None = the first it lists (openai)

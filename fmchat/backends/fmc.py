@@ -119,6 +119,11 @@ def fmc_attention_forward(module, query, key, value, attention_mask=None, scalin
     returned by ``FmcLayer.update`` (or plain K/V when called without an fmc cache). Returns ``[B, n, H_q, D]``."""
     if kwargs.get("output_attentions"):
         raise ValueError("the fmc kernel does not return attention weights; use --kernel eager")
+    step = kwargs.get("fmc_step")
+    if step is not None:  # the compiled one-token decode step (backends/compiled.py)
+        from .compiled import step_attention
+
+        return step_attention(module, query, key, value, step, scaling, sliding_window)
     ref = getattr(key, "_fmc_layer", None)
     layer = ref() if ref is not None else None
     if layer is not None and layer.keys is key:

@@ -131,12 +131,15 @@ class TransformersBackend:
         if options.kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel '{options.kernel}' (available: {', '.join(KERNELS)})")
         self.kernel = options.kernel
+        self.compile_status = "off"  # decode step: "off", "compiled (...)", or "eager: <why compile failed>"
+        if options.compile != "off" and self.kernel != "fmc":
+            self.kernel = "fmc"  # the compiled step needs the preallocated cache (fixed shapes)
         if self.kernel == "fmc":
             from .fmc import register
 
             register()
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(weights), dtype=torch.float32 if self.quant in QUANT_INT else self._dtype, attn_implementation=options.kernel
+            str(weights), dtype=torch.float32 if self.quant in QUANT_INT else self._dtype, attn_implementation=self.kernel
         )
         self.model.to(self._dev).eval()
         if self.quant != "none":  # int schemes quantize from the fp32 originals, then cast the rest to dtype
@@ -153,6 +156,9 @@ class TransformersBackend:
         self.cache = self._new_cache()  # after ctx_size: the fmc cache is preallocated to it
         self.eos_token_ids = frozenset(self._eos_ids())
         self._weights_bytes = self._count_weights_bytes()
+        self._step = None
+        if options.compile != "off":
+            self._compile_step(options.compile, progress)
         self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights))
         progress("ready", 1.0)
 
@@ -185,6 +191,28 @@ class TransformersBackend:
             total += t.numel() * t.element_size()
         return total
 
+    def _compile_step(self, choice: str, progress: ProgressFn) -> None:
+        """Compile the one-token decode step once (at load); on any failure stay eager and say why."""
+        from .compiled import CompiledStep
+
+        progress("compiling decode step (once per model and options)", None)
+        try:
+            step = CompiledStep(self.model, self.cache, self._dev, choice)
+            seconds = step.warm_up()
+        except Exception as exc:  # noqa: BLE001 - any compiler error means: decode eagerly, and report it
+            self.cache.crop_to(0)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.compile_status = f"eager: compile failed ({type(exc).__name__}: {first})"
+            progress(f"compile failed, decoding eagerly: {type(exc).__name__}", None)
+            return
+        self._step = step
+        self.compile_status = f"compiled ({step.backend}, {seconds:.1f} s)"
+
+    @property
+    def decode_path(self) -> str:
+        """How one-token steps run: "eager", "compiled (...)" or "eager: compile failed (...)"."""
+        return "eager" if self.compile_status == "off" else self.compile_status
+
     # ---------------------------------------------------------------- protocol
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -209,6 +237,10 @@ class TransformersBackend:
     @torch.inference_mode()
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         past = self.cached_tokens()
+        if self._step is not None and len(ids) == 1:
+            if past + 1 > self.ctx_size:
+                raise ValueError(f"fmc KV cache is full: {past} + 1 tokens > {self.ctx_size}")
+            return self._step(int(ids[0]), past)
         input_ids = torch.tensor([list(ids)], device=self._dev)
         pos = torch.arange(past, past + len(ids), device=self._dev)
         out = self.model(

@@ -208,6 +208,7 @@ class ChatSession:
             ctx_size=ctx_size,
             device=backend.device,
             dtype=backend.dtype,
+            decode_path=getattr(backend, "decode_path", ""),
         )
         if memory is not None:
             memory.kv_after = len(self.ledger)
@@ -453,6 +454,17 @@ class ChatSession:
         return done
 
 
+def default_threads() -> int:
+    """Physical cores this process may run on (SMT siblings share one core's units; they slow decode down)."""
+    import os
+
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    return max(1, min(usable, physical))
+
+
 def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
+    """PyTorch CPU threads: ``n``, or one per physical core (``default_threads``) when None."""
+    torch.set_num_threads(n or default_threads())

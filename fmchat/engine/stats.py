@@ -38,6 +38,7 @@ class TurnStats:
     gpu_mem_mb: float | None = None  # accelerator memory allocated (MiB); None on CPU
     device: str = ""
     dtype: str = ""
+    decode_path: str = ""  # transformers: "eager", "compiled (inductor, 41.0 s)" or "eager: compile failed (why)"
     memory_action: str = ""  # what the memory policy did before this turn: "" | dropped | shifted | summarized
     memory_note: str = ""  # one line saying what was dropped/summarized, or why a policy fell back
     evicted_tokens: int = 0  # tokens of the turns dropped from the window this turn
