@@ -12,6 +12,9 @@ _ROOT = Path(os.environ.get("FMCHAT_TEST_HOME") or __import__("tempfile").mkdtem
 for var, sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
     os.environ[var] = str(_ROOT / sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The Triton kernel runs in Triton's interpreter where there is no GPU; it must be chosen before triton is imported.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -71,13 +71,19 @@ def choose_drop(session, user_text: str, reserve: int) -> int:
     raise NoRoom(f"the new message alone needs {n} tokens but the context window is {ctx} tokens")
 
 
+def _render_window(session, start: int) -> list[int]:
+    """Tokens of the window from message ``start`` on (no new message, no assistant header)."""
+    msgs = session.template_messages(window_start=start)
+    return session.backend.render(msgs, add_generation_prompt=False) if msgs else []
+
+
 def make_room(session, user_text: str, reserve: int) -> MemoryAction:
     """Apply the session's policy so the next turn fits. Raises NoRoom if even that cannot help."""
     policy = session.config.memory
     new_start = choose_drop(session, user_text, reserve)
     b = session.backend
-    old_window = b.render(session.template_messages(), add_generation_prompt=False)
-    new_window = b.render(session.template_messages(window_start=new_start), add_generation_prompt=False)
+    old_window = _render_window(session, session.window_start)
+    new_window = _render_window(session, new_start)
     dropped_tokens = max(len(old_window) - len(new_window), 0)
     dropped = session.messages[session.window_start : new_start]
     action = MemoryAction(policy, "dropped", len(dropped), dropped_tokens, kv_before=len(session.ledger))
