@@ -316,3 +316,19 @@ def test_two_processes_share_one_database(tmp_path):
         rows = s.list_sessions()
         assert len(rows) == 80 and all(r.message_count == 2 for r in rows)
         assert {r.model for r in rows} == {"p1", "p2"}
+
+
+def test_an_older_schema_is_migrated_in_place(tmp_path, monkeypatch):
+    from fmchat.store import StoredMessage, db
+
+    path = tmp_path / "old.db"
+    with Store(path) as s:
+        sid = s.create_session(model="m")
+        s.append_messages(sid, 0, [StoredMessage("user", "kept", 1.0)])
+    extra = "ALTER TABLE sessions ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0"
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, extra])
+    monkeypatch.setattr(db, "SCHEMA_VERSION", len(db.MIGRATIONS))
+    with db.Store(path) as s:
+        assert s.schema_version == len(db.MIGRATIONS)
+        assert s.conn.execute("SELECT pinned FROM sessions").fetchone()[0] == 0
+        assert s.get(sid).messages[0].content == "kept"

@@ -129,6 +129,8 @@ class FmchatApp(App):
         self.recorder = None
         self.restoring = False
         self._resume_id = session_id
+        self._restore_running = False  # the restore worker is prefilling (the session lock is held)
+        self._open_after_restore: str | None = None
         self._save_warned = False
         self.settings = settings or Settings()
         # What the config file held, and the CLI flags laid over it: flags are not written back to the file
@@ -682,6 +684,10 @@ class FmchatApp(App):
         if self.generating:
             self._defer(lambda: self.call_later(self.open_saved, session_id), "open the session")
             return
+        if self._restore_running:  # stop the restore under way (between two prefill chunks), then open
+            self._open_after_restore = session_id
+            self.session.cancel()
+            return
         if self.session is None or self.store is None or self.loading:
             self.restoring = False
             self.notify("no model loaded yet" if self.session is None else "sessions are not available", severity="warning")
@@ -716,6 +722,7 @@ class FmchatApp(App):
         status.display = True
         self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
         self.query_one("#load-step", Static).update(Text("restoring the session…"))
+        self._restore_running = True
         self._restore_worker(rec.id)
 
     @work(thread=True, exclusive=True, group="restore")
@@ -735,8 +742,13 @@ class FmchatApp(App):
         self.query_one("#load-step", Static).update(Text(f"restoring the session: prefilled {msg.done}/{msg.total} tokens"))
 
     def on_restore_done(self, msg: RestoreDone) -> None:
-        self.restoring = False
+        self.restoring = self._restore_running = False
         self.query_one("#load-status").display = False
+        if self._open_after_restore is not None:
+            sid, self._open_after_restore = self._open_after_restore, None
+            self.restoring = True
+            self.call_later(self.open_saved, sid)
+            return
         if msg.error is not None:
             self.note(f"could not rebuild the KV cache ({msg.error}); the next turn prefills the conversation", "error")
         else:
@@ -750,8 +762,8 @@ class FmchatApp(App):
             self.send(text)
 
     async def action_quit(self) -> None:
-        if self.session is not None and self.generating:
-            self.session.cancel()  # the worker stops within one token
+        if self.session is not None and (self.generating or self._restore_running):
+            self.session.cancel()  # the worker stops within one token (or one prefill chunk)
         self.exit()
 
     # ------------------------------------------------------------------ command palette
