@@ -332,3 +332,53 @@ def test_an_older_schema_is_migrated_in_place(tmp_path, monkeypatch):
         assert s.schema_version == len(db.MIGRATIONS)
         assert s.conn.execute("SELECT pinned FROM sessions").fetchone()[0] == 0
         assert s.get(sid).messages[0].content == "kept"
+
+
+def test_kv_snapshot_with_the_fmc_kernel_cache(tiny_model, tmp_path):
+    from fmchat import backends
+    from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
+
+    def fmc_session():
+        b = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="fmc", ctx=256))
+        return ChatSession(b, SessionConfig(ctx=256, gen=GenerationConfig(max_new_tokens=8, temperature=0.0, seed=0)))
+
+    with Store(tmp_path / "s.db") as store:
+        s = fmc_session()
+        rec = Recorder(store)
+        record_turn(s, rec, "Hello")
+        assert kvsnap.save(store, rec.session_id, s) is not None
+        continuous = s.run_turn("More?").reply
+        s2 = fmc_session()
+        open_session(store, rec.session_id, s2)
+        r = rebuild_cache(s2, store, rec.session_id)
+        assert r["snapshot"] == "ok" and r["restored"] > 0 and s2.backend.seq_lens() == [len(s2.ledger)]
+        assert s2.run_turn("More?").reply == continuous
+
+
+HAMMER = """
+import sys
+from fmchat.store import Store, StoredMessage
+s = Store(sys.argv[1])
+i = 0
+while True:
+    sid = s.create_session(model="h", messages=[StoredMessage("user", "x" * 5000, 1.0)])
+    s.append_messages(sid, 1, [StoredMessage("assistant", "y" * 5000, 2.0), StoredMessage("user", "z", 3.0)])
+    i += 1
+    if i == 20:
+        print("ready", flush=True)
+"""
+
+
+def test_sigkill_while_writing_leaves_a_readable_database(tmp_path):
+    path = tmp_path / "k.db"
+    Store(path).close()
+    p = subprocess.Popen([sys.executable, "-c", HAMMER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"  # mid-stream of writes
+    finally:
+        p.kill()  # SIGKILL
+        p.wait()
+    with Store(path) as s:
+        assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = s.list_sessions()
+        assert len(rows) >= 20 and {r.message_count for r in rows} <= {1, 3}  # every transaction whole or absent

@@ -213,17 +213,34 @@ class Store:
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, *, model: str = "", backend: str = "", settings: dict | None = None, system: str | None = None,
-                       title: str = "", created: float | None = None, session_id: str | None = None) -> str:  # fmt: skip
+                       title: str = "", created: float | None = None, session_id: str | None = None,
+                       messages: Iterable[StoredMessage] = (), window_start: int = 0, memory_note: str = "") -> str:  # fmt: skip
+        """A new session, with its first ``messages`` in the same transaction (never a half-made session)."""
         now = time.time() if created is None else created
         with self._tx() as c:
             sid = session_id or new_id()
             while c.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone():
                 sid = new_id()
             c.execute(
-                "INSERT INTO sessions (id, title, created, updated, model, backend, settings, system) VALUES (?,?,?,?,?,?,?,?)",
-                (sid, title, now, now, model, backend, json.dumps(settings or {}, sort_keys=True), system),
+                "INSERT INTO sessions (id, title, created, updated, model, backend, settings, system, window_start, memory_note) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (sid, title, now, now, model, backend, json.dumps(settings or {}, sort_keys=True), system, window_start, memory_note),
             )
+            msgs = list(messages)
+            self._insert_messages(c, sid, 0, msgs)
+            first = next((m.content for m in msgs if m.role == "user"), None)
+            if first is not None and not title:
+                c.execute("UPDATE sessions SET title=? WHERE id=?", (derive_title(first), sid))
         return sid
+
+    @staticmethod
+    def _insert_messages(c, sid: str, first_seq: int, messages: list[StoredMessage]) -> None:
+        for i, m in enumerate(messages):
+            c.execute(
+                "INSERT INTO messages (session_id, seq, role, content, created, cancelled, stats, token_ids) VALUES (?,?,?,?,?,?,?,?)",
+                (sid, first_seq + i, m.role, m.content, m.created, int(m.cancelled),
+                 None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
+            )  # fmt: skip
 
     def resolve(self, session_id: str) -> str:
         """The full id for ``session_id`` or a unique prefix of one; UnknownSession otherwise."""
@@ -247,12 +264,7 @@ class Store:
             if row is None:
                 raise UnknownSession(f"no session '{session_id}'")
             c.execute("DELETE FROM messages WHERE session_id=? AND seq>=?", (session_id, first_seq))
-            for i, m in enumerate(messages):
-                c.execute(
-                    "INSERT INTO messages (session_id, seq, role, content, created, cancelled, stats, token_ids) VALUES (?,?,?,?,?,?,?,?)",
-                    (session_id, first_seq + i, m.role, m.content, m.created, int(m.cancelled),
-                     None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
-                )  # fmt: skip
+            self._insert_messages(c, session_id, first_seq, list(messages))
             sets, args = ["updated=?"], [now]
             if not row[1]:
                 first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (session_id,)).fetchone()
@@ -346,10 +358,5 @@ class Store:
                 (sid, rec.title, int(rec.title_set), rec.created, rec.updated, rec.model, rec.backend,
                  json.dumps(rec.settings, sort_keys=True), rec.system, rec.window_start, rec.memory_note),
             )  # fmt: skip
-            for i, m in enumerate(rec.messages):
-                c.execute(
-                    "INSERT INTO messages (session_id, seq, role, content, created, cancelled, stats, token_ids) VALUES (?,?,?,?,?,?,?,?)",
-                    (sid, i, m.role, m.content, m.created, int(m.cancelled),
-                     None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
-                )  # fmt: skip
+            self._insert_messages(c, sid, 0, list(rec.messages))
         return sid

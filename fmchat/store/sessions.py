@@ -62,17 +62,19 @@ class Recorder:
             same += 1
         if same == len(msgs) == len(self._saved):
             return self.session_id
+        now = time.time()
+        new = [StoredMessage(m.role, m.content, now, m.cancelled,
+                             None if m.stats is None else m.stats.to_dict(), list(m.token_ids) or None) for m in msgs[same:]]  # fmt: skip
         if self.session_id is None:
             if not msgs:
                 return None
             b = session.backend
             self.session_id = self.store.create_session(
-                model=b.model_name, backend=b.name, settings=settings_of(session, self.spec), system=session.config.system
+                model=b.model_name, backend=b.name, settings=settings_of(session, self.spec), system=session.config.system,
+                messages=new, window_start=session.window_start, memory_note=session.memory_note,
             )
-        now = time.time()
-        new = [StoredMessage(m.role, m.content, now, m.cancelled,
-                             None if m.stats is None else m.stats.to_dict(), list(m.token_ids) or None) for m in msgs[same:]]  # fmt: skip
-        self.store.append_messages(self.session_id, same, new, window_start=session.window_start, memory_note=session.memory_note)
+        else:
+            self.store.append_messages(self.session_id, same, new, window_start=session.window_start, memory_note=session.memory_note)
         self._saved = msgs
         return self.session_id
 
