@@ -242,6 +242,7 @@ def run(
     from fmchat.backends.openai_backend import BackendError
     from fmchat.engine import ContextOverflow, TextDelta, TurnDone
     from fmchat.text import neutralize
+    from fmchat.store.db import StoreError
 
     try:
         if script is not None:
@@ -270,7 +271,7 @@ def run(
             top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
             backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
 
     recorder = None
@@ -625,6 +626,9 @@ def resolve_session(store, session_id: str) -> str:
         raise UserError(str(exc)) from None
 
 
+from fmchat.store.db import StoreError  # noqa: E402  (stdlib only: cheap to import)
+
+
 def _when(t: float) -> str:
     from datetime import datetime
 
@@ -640,7 +644,7 @@ def sessions_list(
     try:
         with open_store() as store:
             rows = store.list_sessions(search)
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
     if json_out:
         print(json.dumps([{"id": r.id, "title": r.title, "model": r.model, "backend": r.backend, "created": r.created,
@@ -670,7 +674,7 @@ def sessions_show(session_id: Annotated[str, typer.Argument(metavar="ID")]) -> N
     try:
         with open_store() as store:
             rec = store.get(resolve_session(store, session_id))
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
     sys.stdout.write(neutralize(transcript.to_markdown(rec)))
 
@@ -697,7 +701,7 @@ def sessions_export(
             transcript.write_private(output, text)
         except OSError as exc:
             raise UserError(f"-o {output}: cannot write ({exc.strerror})") from None
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"wrote {output}", err=True)
 
@@ -714,7 +718,7 @@ def sessions_import(file: Annotated[Path, typer.Argument(metavar="FILE", help="A
             raise UserError(f"import: {exc}; nothing was imported") from None
         with open_store() as store:
             sid = store.insert_record(rec)
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
     typer.echo(sid)
 
@@ -725,7 +729,7 @@ def sessions_rm(session_id: Annotated[str, typer.Argument(metavar="ID")]) -> Non
     try:
         with open_store() as store:
             sid = store.delete(resolve_session(store, session_id))
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"deleted {sid}", err=True)
 

@@ -382,3 +382,26 @@ def test_sigkill_while_writing_leaves_a_readable_database(tmp_path):
         assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         rows = s.list_sessions()
         assert len(rows) >= 20 and {r.message_count for r in rows} <= {1, 3}  # every transaction whole or absent
+
+
+def test_a_writer_held_elsewhere_gives_a_clear_busy_error_and_reads_go_on(tmp_path):
+    path = tmp_path / "busy.db"
+    with Store(path) as s:
+        sid = s.create_session(model="m")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    try:
+        with Store(path, busy_timeout_ms=100) as s:
+            assert [r.id for r in s.list_sessions()] == [sid]  # WAL: reading does not wait for the writer
+            with pytest.raises(StoreError, match="busy"):
+                s.create_session(model="m")
+            with pytest.raises(StoreError, match="busy"):
+                s.rename(sid, "x")
+            s.conn.execute("SELECT 1")  # the connection is still usable (lock released, no transaction left open)
+            assert not s.conn.in_transaction
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with Store(path) as s:
+        s.rename(sid, "after")
+        assert s.get(sid).title == "after"

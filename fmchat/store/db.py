@@ -9,6 +9,7 @@ gives its -wal and -shm files the database's permissions.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -64,6 +65,24 @@ class StoreError(Exception):
 
 class UnknownSession(StoreError):
     pass
+
+
+def _is_busy(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _guarded(fn):
+    """SQLite errors from a public Store method become one clear StoreError."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+
+    return wrapper
 
 
 def default_path() -> Path:
@@ -127,18 +146,18 @@ def touch_private(path: Path) -> None:
 class Store:
     """Thread-safe (one lock around the connection); every write is its own committed transaction."""
 
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, busy_timeout_ms: int = BUSY_TIMEOUT_MS):
         self.path = Path(path) if path is not None else default_path()
         self._lock = threading.RLock()
         existed = self.path.exists()
         try:
             if not existed:
                 touch_private(self.path)
-            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+            self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the session store {self.path}: {exc}") from None
         try:
-            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 self.conn.close()
@@ -148,9 +167,12 @@ class Store:
                 )
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            if version < SCHEMA_VERSION:
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             self.conn.close()
+            if _is_busy(exc):
+                raise self._busy_error() from None
             raise StoreError(f"the session store {self.path} is not a readable database: {exc}") from None
         for suffix in ("-wal", "-shm"):
             side = Path(str(self.path) + suffix)
@@ -163,6 +185,14 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+    def _busy_error(self) -> StoreError:
+        return StoreError(f"the session store {self.path} is busy (another fmchat process holds it); try again")
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        if _is_busy(exc):
+            return self._busy_error()
+        return StoreError(f"session store {self.path}: {exc}")
 
     def __enter__(self) -> Store:
         return self
@@ -194,17 +224,30 @@ class Store:
             return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     def _tx(self):
+        """One write transaction: BEGIN IMMEDIATE (waits up to the busy timeout for another writer), COMMIT."""
         store = self
 
         class _Tx:
             def __enter__(self):
                 store._lock.acquire()
-                store.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    store.conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store._lock.release()
+                    raise
                 return store.conn
 
             def __exit__(self, exc_type, exc, tb):
                 try:
-                    store.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                    if exc_type is None:
+                        try:
+                            store.conn.execute("COMMIT")
+                        except BaseException:
+                            if store.conn.in_transaction:
+                                store.conn.execute("ROLLBACK")
+                            raise
+                    elif store.conn.in_transaction:
+                        store.conn.execute("ROLLBACK")
                 finally:
                     store._lock.release()
                 return False
@@ -212,6 +255,7 @@ class Store:
         return _Tx()
 
     # ------------------------------------------------------------------ sessions
+    @_guarded
     def create_session(self, *, model: str = "", backend: str = "", settings: dict | None = None, system: str | None = None,
                        title: str = "", created: float | None = None, session_id: str | None = None,
                        messages: Iterable[StoredMessage] = (), window_start: int = 0, memory_note: str = "") -> str:  # fmt: skip
@@ -242,6 +286,7 @@ class Store:
                  None if m.stats is None else json.dumps(m.stats), None if m.token_ids is None else json.dumps(m.token_ids)),
             )  # fmt: skip
 
+    @_guarded
     def resolve(self, session_id: str) -> str:
         """The full id for ``session_id`` or a unique prefix of one; UnknownSession otherwise."""
         sid = (session_id or "").strip()
@@ -255,6 +300,7 @@ class Store:
             raise UnknownSession(f"session id '{session_id}' is ambiguous ({len(rows)} sessions start with it)")
         raise UnknownSession(f"no session '{session_id}' (fmchat sessions list shows them)")
 
+    @_guarded
     def append_messages(self, session_id: str, first_seq: int, messages: Iterable[StoredMessage],
                         *, window_start: int | None = None, memory_note: str | None = None) -> None:  # fmt: skip
         """Replace the session's messages from ``first_seq`` on with ``messages``, in one transaction."""
@@ -278,6 +324,7 @@ class Store:
                 args.append(memory_note)
             c.execute(f"UPDATE sessions SET {', '.join(sets)} WHERE id=?", (*args, session_id))
 
+    @_guarded
     def update_meta(self, session_id: str, **fields) -> None:
         allowed = {"model", "backend", "settings", "system"}
         bad = set(fields) - allowed
@@ -290,6 +337,7 @@ class Store:
         with self._tx() as c:
             c.execute(f"UPDATE sessions SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), session_id))
 
+    @_guarded
     def rename(self, session_id: str, title: str) -> None:
         sid = self.resolve(session_id)
         title = " ".join(title.split())
@@ -300,6 +348,7 @@ class Store:
                 first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (sid,)).fetchone()
                 c.execute("UPDATE sessions SET title=?, title_set=0 WHERE id=?", (derive_title(first[0]) if first else "", sid))
 
+    @_guarded
     def delete(self, session_id: str) -> str:
         sid = self.resolve(session_id)
         with self._tx() as c:
@@ -309,6 +358,7 @@ class Store:
         snapshot_path(self, sid).unlink(missing_ok=True)
         return sid
 
+    @_guarded
     def list_sessions(self, search: str | None = None) -> list[SessionInfo]:
         """Newest first; ``search`` matches the title or any message text (case-insensitive)."""
         q = (
@@ -326,6 +376,7 @@ class Store:
             rows = self.conn.execute(q, args).fetchall()
         return [SessionInfo(*r) for r in rows]
 
+    @_guarded
     def get(self, session_id: str) -> SessionRecord:
         sid = self.resolve(session_id)
         with self._lock:
@@ -346,6 +397,7 @@ class Store:
         ]
         return rec
 
+    @_guarded
     def insert_record(self, rec: SessionRecord) -> str:
         """Write a whole session (import) in one transaction; keeps ``rec.id`` unless taken. Returns the id."""
         with self._tx() as c:
