@@ -358,6 +358,7 @@ def chat(
     api_model: ApiModelOpt = None,
     gpu_layers: GpuLayersOpt = 0,
     memory: MemoryOpt = "shift",
+    save: Annotated[bool, typer.Option("--save/--no-save", help="--plain: save the conversation as a session.")] = True,
 ) -> None:
     """Interactive chat. With --plain, a line-mode REPL: Ctrl+C cancels a reply, /quit leaves."""
     if not plain:
@@ -380,14 +381,23 @@ def chat(
         )  # fmt: skip
     except UserError as exc:
         raise fail(str(exc)) from None
-    repl(session)
+    recorder = None
+    if save:
+        from fmchat.store import Recorder
+
+        try:
+            recorder = Recorder(open_store(), spec=model)
+        except UserError as exc:
+            typer.echo(f"fmchat: warning: {exc}; this chat is not saved", err=True)
+    repl(session, recorder)
 
 
-def repl(session) -> None:
+def repl(session, recorder=None) -> None:
+    """``recorder`` (fmchat.store.Recorder): save each message as it happens (user before the reply)."""
     from rich.console import Console
     from rich.text import Text
 
-    from fmchat.engine import ContextOverflow, TextDelta, TurnDone
+    from fmchat.engine import ContextOverflow, TextDelta, TurnDone, TurnStarted
     from fmchat.text import neutralize
 
     out = Console(highlight=False)
@@ -412,6 +422,8 @@ def repl(session) -> None:
             continue
         if cmd == "/reset":
             session.reset()
+            if recorder is not None:
+                recorder.detach()  # the next message starts a new saved session
             last = None
             out.print(Text("(new conversation)", style="dim"))
             continue
@@ -423,12 +435,28 @@ def repl(session) -> None:
 
         events: queue.Queue = queue.Queue()
 
+        def save() -> None:
+            if recorder is None:
+                return
+            had = recorder.session_id
+            try:
+                recorder.sync(session)
+            except Exception as exc:
+                events.put(RuntimeError(f"could not save the session: {exc}"))
+                return
+            if had is None and recorder.session_id is not None:
+                typer.echo(f"session: {recorder.session_id}", err=True)
+
         def worker(text=line):
             try:
                 for ev in session.turn(text):
+                    if isinstance(ev, (TurnStarted, TurnDone)):
+                        save()
                     events.put(ev)
             except Exception as exc:  # reported to the user below, the REPL goes on
                 events.put(exc)
+            finally:
+                save()
             events.put(None)
 
         # During a reply Ctrl+C cancels the reply (the handler only sets a flag), not the program.

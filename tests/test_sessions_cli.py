@@ -152,3 +152,13 @@ def test_sigkill_mid_reply_loses_only_that_reply_then_resumes(tiny_model, tmp_pa
     with Store(db) as s:
         roles = [m.role for m in s.get(sid).messages]
     assert roles == ["user", "assistant", "user", "user", "assistant"]
+
+
+def test_plain_repl_saves_its_conversation(tiny_model):
+    r = cli("chat", "--plain", "--model", tiny_model, *TINY, input="Hello from the REPL\n/reset\nA second chat\n/quit\n")
+    assert r.exit_code == 0, r.output
+    ids = [line.split("session: ", 1)[1] for line in r.stderr.splitlines() if line.startswith("session: ")]
+    assert len(ids) == 2 and ids[0] != ids[1]  # /reset starts a new saved session
+    with Store(default_path()) as s:
+        assert [m.content for m in s.get(ids[0]).messages if m.role == "user"] == ["Hello from the REPL"]
+        assert [m.role for m in s.get(ids[1]).messages] == ["user", "assistant"]
