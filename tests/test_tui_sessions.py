@@ -9,7 +9,7 @@ from fmchat.tui.screens.sessions import ConfirmScreen, RenameScreen, SessionsScr
 from fmchat.tui.widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
 
 from conftest import make_session
-from test_tui import SIZE, ready, send, tiny_settings, turn_done, wait_for
+from test_tui import SIZE, ready, screen_text, send, tiny_settings, turn_done, wait_for
 
 
 def notes(app) -> str:
@@ -50,6 +50,9 @@ async def test_chat_is_saved_and_the_sessions_screen_lists_searches_renames_dele
         assert table.row_count == 2
         cells = [str(c) for c in table.get_row(first)]
         assert cells[0] == "Tell me about penguins" and cells[1] == tiny_model.name and cells[3] == "4"
+        shown = screen_text(app)
+        for what in ("Title", "Model", "Updated", "Messages", "Tell me about penguins", "Something about llamas", "2 sessions"):
+            assert what in shown, what
 
         # Search by message text.
         await pilot.press("slash")
@@ -106,6 +109,7 @@ async def test_open_a_saved_session_from_the_screen_and_continue(tiny_model, tmp
         assert "KV snapshot not used: no snapshot" in notes(app)  # none was saved: it was prefilled
         cached = len(app.session.ledger)
         assert cached == app.session.backend.cached_tokens() > 0
+        assert app.load_steps[-1] == f"restoring the session: prefilled {cached}/{cached} tokens"  # the progress shown
         await send(pilot, "Which word?")
         await turn_done(pilot, 2)
         assert app.session.messages[-1].stats.reused_tokens == cached  # the restore did the prefill

@@ -738,8 +738,10 @@ class FmchatApp(App):
         self.post_message(RestoreDone(r, None, time.perf_counter() - t0))
 
     def on_restore_step(self, msg: RestoreStep) -> None:
+        step = f"restoring the session: prefilled {msg.done}/{msg.total} tokens"
+        self.load_steps.append(step)
         self.query_one("#load-bar", ProgressBar).update(total=max(msg.total, 1), progress=msg.done)
-        self.query_one("#load-step", Static).update(Text(f"restoring the session: prefilled {msg.done}/{msg.total} tokens"))
+        self.query_one("#load-step", Static).update(Text(step))
 
     def on_restore_done(self, msg: RestoreDone) -> None:
         self.restoring = self._restore_running = False
