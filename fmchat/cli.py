@@ -723,6 +723,10 @@ def sessions_export(
             rec = store.get(resolve_session(store, session_id))
         text = transcript.to_json(rec) if fmt == "json" else transcript.to_markdown(rec)
         if output is None:
+            if sys.stdout.isatty():  # shown on a terminal: control characters are displayed, never acted on
+                from fmchat.text import neutralize
+
+                text = neutralize(text)
             sys.stdout.write(text)
             return
         try:

@@ -268,6 +268,7 @@ def _bad_files(tmp_path, good: str) -> dict:
         "bad_role": json.dumps({**data, "messages": [{**data["messages"][0], "role": "robot"}]}),
         "not_object": "[1, 2, 3]",
         "bad_window": json.dumps({**data, "session": {**data["session"], "window_start": 7}}),
+        "bad_id": json.dumps({**data, "session": {**data["session"], "id": "../../escape"}}),
     }
     out = {}
     for name, text in cases.items():
@@ -286,7 +287,7 @@ def test_bad_transcripts_are_refused_with_one_error(tmp_path):
         good = transcript.to_json(a.get(_sample(a)))
     expect = {"malformed": "not valid JSON", "truncated": "not valid JSON", "empty": "empty file", "wrong_version": "version 99",
               "wrong_format": "not an fmchat transcript", "bad_role": "role", "not_object": "expected a JSON object",
-              "oversized": "import limit", "bad_window": "window_start"}  # fmt: skip
+              "oversized": "import limit", "bad_window": "window_start", "bad_id": "session.id"}  # fmt: skip
     for name, path in _bad_files(tmp_path, good).items():
         with pytest.raises(transcript.TranscriptError, match=expect[name]):
             transcript.read_file(path)

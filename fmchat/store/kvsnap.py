@@ -21,6 +21,10 @@ SNAPSHOT_FORMAT = "fmchat-kv/1"
 
 
 def snapshot_path(store, session_id: str) -> Path:
+    from .transcript import ID_RE
+
+    if not ID_RE.fullmatch(session_id):
+        raise ValueError(f"not a session id: {session_id!r}")
     return Path(store.path).parent / "kv" / f"{session_id}.safetensors"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +31,7 @@ FORMAT = "fmchat-transcript"
 VERSION = 1
 MAX_IMPORT_BYTES = 50 * 1024 * 1024  # larger files are refused before they are read
 ROLES = ("system", "user", "assistant")
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # ids name snapshot files: no path separators, no dots
 
 
 class TranscriptError(ValueError):
@@ -111,6 +113,7 @@ def from_dict(data) -> SessionRecord:
     _need(isinstance(s, dict), "session", "expected an object")
     for key, typ in (("id", str), ("title", str), ("model", str), ("backend", str), ("memory_note", str)):
         _need(isinstance(s.get(key), typ), f"session.{key}", "expected a string")
+    _need(ID_RE.fullmatch(s["id"]) is not None, "session.id", "expected 1-64 letters, digits, '-' or '_'")
     _need(isinstance(s.get("title_set"), bool), "session.title_set", "expected true or false")
     for key in ("created", "updated"):
         _need(_num(s.get(key)), f"session.{key}", "expected a number (unix seconds)")
