@@ -241,8 +241,8 @@ def run(
     """
     from fmchat.backends.openai_backend import BackendError
     from fmchat.engine import ContextOverflow, TextDelta, TurnDone
-    from fmchat.text import neutralize
     from fmchat.store.db import StoreError
+    from fmchat.text import neutralize
 
     try:
         if script is not None:
@@ -435,7 +435,7 @@ def repl(session, recorder=None) -> None:
 
         events: queue.Queue = queue.Queue()
 
-        def save() -> None:
+        def save(events: queue.Queue = events) -> None:
             if recorder is None:
                 return
             had = recorder.session_id
@@ -654,7 +654,7 @@ def resolve_session(store, session_id: str) -> str:
         raise UserError(str(exc)) from None
 
 
-from fmchat.store.db import StoreError  # noqa: E402  (stdlib only: cheap to import)
+from fmchat.store.db import StoreError  # stdlib only: cheap to import
 
 
 def _when(t: float) -> str:

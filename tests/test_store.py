@@ -11,13 +11,21 @@ import subprocess
 import sys
 
 import pytest
-
-from fmchat.store import SCHEMA_VERSION, Recorder, Store, StoreError, UnknownSession, kvsnap, open_session, rebuild_cache
-from fmchat.store import transcript
-from fmchat.store.db import derive_title
-from fmchat.engine import TurnStarted, TurnDone
-
 from conftest import make_session
+
+from fmchat.engine import TurnDone, TurnStarted
+from fmchat.store import (
+    SCHEMA_VERSION,
+    Recorder,
+    Store,
+    StoreError,
+    UnknownSession,
+    kvsnap,
+    open_session,
+    rebuild_cache,
+    transcript,
+)
+from fmchat.store.db import derive_title
 
 
 def mode(path) -> int:
@@ -45,7 +53,9 @@ def test_schema_wal_permissions_and_cascade(tmp_path):
         sid = store.create_session(model="m", backend="transformers")
         from fmchat.store import StoredMessage
 
-        store.append_messages(sid, 0, [StoredMessage("user", "  Hello\n  world  ", 1.0), StoredMessage("assistant", "hi", 2.0)])
+        store.append_messages(
+            sid, 0, [StoredMessage("user", "  Hello\n  world  ", 1.0), StoredMessage("assistant", "hi", 2.0)]
+        )
         for side in ("", "-wal", "-shm"):
             p = str(path) + side
             if os.path.exists(p):
@@ -83,7 +93,9 @@ def test_search_rename_delete_and_unknown_ids(tmp_path):
 
     with Store(tmp_path / "s.db") as store:
         a = store.create_session(model="m")
-        store.append_messages(a, 0, [StoredMessage("user", "about penguins", 1.0), StoredMessage("assistant", "they swim", 2.0)])
+        store.append_messages(
+            a, 0, [StoredMessage("user", "about penguins", 1.0), StoredMessage("assistant", "they swim", 2.0)]
+        )
         b = store.create_session(model="m")
         store.append_messages(b, 0, [StoredMessage("user", "100% sure_thing", 3.0)])
         assert [s.id for s in store.list_sessions()] == [b, a]  # newest first
@@ -123,9 +135,14 @@ def test_autosave_restore_round_trip_and_retry(tiny_model, tmp_path):
     assert [m.content for m in again.messages] == [m.content for m in s1.messages]
 
     s2 = make_session(tiny_model)
-    rec2, rec = open_session(store, sid, s2)
-    assert [(m.role, m.content, m.cancelled) for m in s2.messages] == [(m.role, m.content, m.cancelled) for m in s1.messages]
-    assert s2.config.system == "Be brief." and s2.messages[1].stats.generated_tokens == s1.messages[1].stats.generated_tokens
+    rec2, _ = open_session(store, sid, s2)
+    assert [(m.role, m.content, m.cancelled) for m in s2.messages] == [
+        (m.role, m.content, m.cancelled) for m in s1.messages
+    ]
+    assert (
+        s2.config.system == "Be brief."
+        and s2.messages[1].stats.generated_tokens == s1.messages[1].stats.generated_tokens
+    )
     record_turn(s2, rec2, "And finally?")
     assert len(store.get(sid).messages) == 6
     assert len(store.list_sessions()) == 1
@@ -144,7 +161,11 @@ def test_cancelled_reply_is_saved_as_cancelled(tiny_model, tmp_path):
         elif isinstance(ev, TurnDone):
             rec.sync(s)
     msgs = store.get(rec.session_id).messages
-    assert [m.role for m in msgs] == ["user", "assistant"] and msgs[1].cancelled and msgs[1].stats["finish_reason"] == "cancelled"
+    assert (
+        [m.role for m in msgs] == ["user", "assistant"]
+        and msgs[1].cancelled
+        and msgs[1].stats["finish_reason"] == "cancelled"
+    )
 
 
 def test_kv_snapshot_resume_equals_continuous_and_full_prefill(tiny_model, tmp_path):
@@ -229,7 +250,9 @@ def test_prefill_transcript_reports_progress_and_makes_the_next_turn_reuse_it(ti
 def _sample(store) -> str:
     from fmchat.store import StoredMessage
 
-    sid = store.create_session(model="tiny", backend="transformers", settings={"dtype": "float32", "seed": 0}, system="sys")
+    sid = store.create_session(
+        model="tiny", backend="transformers", settings={"dtype": "float32", "seed": 0}, system="sys"
+    )
     store.append_messages(sid, 0, [
         StoredMessage("user", "Héllo \u2603 \"quoted\"\n", 1700000000.123456),
         StoredMessage("assistant", "partial", 1700000001.5, cancelled=True, stats={"ttft_ms": 12.5, "generated_tokens": 3}, token_ids=[1, 2, 3]),
@@ -340,7 +363,9 @@ def test_kv_snapshot_with_the_fmc_kernel_cache(tiny_model, tmp_path):
     from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
     def fmc_session():
-        b = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="fmc", ctx=256))
+        b = backends.load(
+            str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="fmc", ctx=256)
+        )
         return ChatSession(b, SessionConfig(ctx=256, gen=GenerationConfig(max_new_tokens=8, temperature=0.0, seed=0)))
 
     with Store(tmp_path / "s.db") as store:

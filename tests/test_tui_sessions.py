@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+from conftest import make_session
+from test_tui import SIZE, ready, screen_text, send, tiny_settings, turn_done, wait_for
+
 from fmchat.store import Recorder, Store, kvsnap
 from fmchat.tui.app import FmchatApp
 from fmchat.tui.screens.sessions import ConfirmScreen, RenameScreen, SessionsScreen, SessionTable
 from fmchat.tui.widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
-
-from conftest import make_session
-from test_tui import SIZE, ready, screen_text, send, tiny_settings, turn_done, wait_for
 
 
 def notes(app) -> str:
@@ -51,7 +51,15 @@ async def test_chat_is_saved_and_the_sessions_screen_lists_searches_renames_dele
         cells = [str(c) for c in table.get_row(first)]
         assert cells[0] == "Tell me about penguins" and cells[1] == tiny_model.name and cells[3] == "4"
         shown = screen_text(app)
-        for what in ("Title", "Model", "Updated", "Messages", "Tell me about penguins", "Something about llamas", "2 sessions"):
+        for what in (
+            "Title",
+            "Model",
+            "Updated",
+            "Messages",
+            "Tell me about penguins",
+            "Something about llamas",
+            "2 sessions",
+        ):
             assert what in shown, what
 
         # Search by message text.
@@ -103,7 +111,9 @@ async def test_open_a_saved_session_from_the_screen_and_continue(tiny_model, tmp
         await pilot.pause()
         assert isinstance(app.focused, SessionTable)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: not app.restoring and app.current_session_id == rec.session_id, "session restored")
+        await wait_for(
+            pilot, lambda: not app.restoring and app.current_session_id == rec.session_id, "session restored"
+        )
         assert [w.text for w in app.query(UserMessage)] == ["Remember the word apricot."]
         assert [w.text for w in app.query(AssistantMessage)] == [s.messages[1].content]
         assert "KV snapshot not used: no snapshot" in notes(app)  # none was saved: it was prefilled

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from fmchat.paths import data_dir
 
@@ -153,7 +154,9 @@ class Store:
         try:
             if not existed:
                 touch_private(self.path)
-            self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
+            self.conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the session store {self.path}: {exc}") from None
         try:
@@ -194,7 +197,7 @@ class Store:
             return self._busy_error()
         return StoreError(f"session store {self.path}: {exc}")
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -207,7 +210,9 @@ class Store:
             try:
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise StoreError(f"the session store {self.path} was written by a newer fmchat (schema version {version})")
+                    raise StoreError(
+                        f"the session store {self.path} was written by a newer fmchat (schema version {version})"
+                    )
                 for i in range(version, SCHEMA_VERSION):
                     for stmt in MIGRATIONS[i].split(";"):
                         if stmt.strip():
@@ -268,7 +273,18 @@ class Store:
             c.execute(
                 "INSERT INTO sessions (id, title, created, updated, model, backend, settings, system, window_start, memory_note) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (sid, title, now, now, model, backend, json.dumps(settings or {}, sort_keys=True), system, window_start, memory_note),
+                (
+                    sid,
+                    title,
+                    now,
+                    now,
+                    model,
+                    backend,
+                    json.dumps(settings or {}, sort_keys=True),
+                    system,
+                    window_start,
+                    memory_note,
+                ),
             )
             msgs = list(messages)
             self._insert_messages(c, sid, 0, msgs)
@@ -293,7 +309,11 @@ class Store:
         with self._lock:
             if sid and self.conn.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone():
                 return sid
-            rows = self.conn.execute("SELECT id FROM sessions WHERE substr(id, 1, ?) = ?", (len(sid), sid)).fetchall() if sid else []
+            rows = (
+                self.conn.execute("SELECT id FROM sessions WHERE substr(id, 1, ?) = ?", (len(sid), sid)).fetchall()
+                if sid
+                else []
+            )
         if len(rows) == 1:
             return rows[0][0]
         if len(rows) > 1:
@@ -313,7 +333,10 @@ class Store:
             self._insert_messages(c, session_id, first_seq, list(messages))
             sets, args = ["updated=?"], [now]
             if not row[1]:
-                first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (session_id,)).fetchone()
+                first = c.execute(
+                    "SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1",
+                    (session_id,),
+                ).fetchone()
                 sets.append("title=?")
                 args.append(derive_title(first[0]) if first else "")
             if window_start is not None:
@@ -335,7 +358,9 @@ class Store:
         if not fields:
             return
         with self._tx() as c:
-            c.execute(f"UPDATE sessions SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), session_id))
+            c.execute(
+                f"UPDATE sessions SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), session_id)
+            )
 
     @_guarded
     def rename(self, session_id: str, title: str) -> None:
@@ -345,8 +370,13 @@ class Store:
             if title:
                 c.execute("UPDATE sessions SET title=?, title_set=1 WHERE id=?", (title, sid))
             else:  # an empty name goes back to the one derived from the first message
-                first = c.execute("SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (sid,)).fetchone()
-                c.execute("UPDATE sessions SET title=?, title_set=0 WHERE id=?", (derive_title(first[0]) if first else "", sid))
+                first = c.execute(
+                    "SELECT content FROM messages WHERE session_id=? AND role='user' ORDER BY seq LIMIT 1", (sid,)
+                ).fetchone()
+                c.execute(
+                    "UPDATE sessions SET title=?, title_set=0 WHERE id=?",
+                    (derive_title(first[0]) if first else "", sid),
+                )
 
     @_guarded
     def delete(self, session_id: str) -> str:
@@ -391,11 +421,19 @@ class Store:
             if r is None:
                 raise UnknownSession(f"no session '{session_id}'")
             msgs = self.conn.execute(
-                "SELECT role, content, created, cancelled, stats, token_ids FROM messages WHERE session_id=? ORDER BY seq", (sid,)
+                "SELECT role, content, created, cancelled, stats, token_ids FROM messages WHERE session_id=? ORDER BY seq",
+                (sid,),
             ).fetchall()
         rec = SessionRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "{}"), r[7], r[8], r[9], bool(r[10]))
         rec.messages = [
-            StoredMessage(m[0], m[1], m[2], bool(m[3]), None if m[4] is None else json.loads(m[4]), None if m[5] is None else json.loads(m[5]))
+            StoredMessage(
+                m[0],
+                m[1],
+                m[2],
+                bool(m[3]),
+                None if m[4] is None else json.loads(m[4]),
+                None if m[5] is None else json.loads(m[5]),
+            )
             for m in msgs
         ]
         return rec

@@ -29,7 +29,11 @@ def snapshot_path(store, session_id: str) -> Path:
 
 
 def supported(backend) -> bool:
-    return getattr(backend, "name", "") == "transformers" and hasattr(backend, "cache") and hasattr(backend.cache, "layers")
+    return (
+        getattr(backend, "name", "") == "transformers"
+        and hasattr(backend, "cache")
+        and hasattr(backend.cache, "layers")
+    )
 
 
 def fingerprint(backend) -> dict:
@@ -126,7 +130,7 @@ def load(store, session_id: str, session) -> tuple[int, str]:
             if keep + 1 > session.ctx_size:
                 return 0, "snapshot does not fit the context window"
             kv = [(f.get_tensor(f"k.{i}"), f.get_tensor(f"v.{i}")) for i in range(layers)]
-    except Exception as exc:  # unreadable, truncated, wrong shapes: not trusted
+    except Exception as exc:  # noqa: BLE001  unreadable, truncated, wrong shapes: whatever it is, not trusted
         return 0, f"snapshot unreadable ({type(exc).__name__})"
     for k, v in kv:
         if k.dim() != 4 or k.shape[2] != len(ledger) or v.shape[2] != len(ledger):
@@ -138,7 +142,7 @@ def load(store, session_id: str, session) -> tuple[int, str]:
             backend.cache.update(k[:, :, :keep].to(dev).contiguous(), v[:, :, :keep].to(dev).contiguous(), i)
         if backend.cached_tokens() != keep:
             raise ValueError("cache length after restore differs")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  a cache that refuses the tensors: rebuilt by prefill instead
         session._set_ledger(0)
         return 0, f"snapshot did not fit this cache ({type(exc).__name__}: {exc})"
     session.ledger[:] = ledger[:keep]

@@ -70,11 +70,18 @@ class Recorder:
                 return None
             b = session.backend
             self.session_id = self.store.create_session(
-                model=b.model_name, backend=b.name, settings=settings_of(session, self.spec), system=session.config.system,
-                messages=new, window_start=session.window_start, memory_note=session.memory_note,
+                model=b.model_name,
+                backend=b.name,
+                settings=settings_of(session, self.spec),
+                system=session.config.system,
+                messages=new,
+                window_start=session.window_start,
+                memory_note=session.memory_note,
             )
         else:
-            self.store.append_messages(self.session_id, same, new, window_start=session.window_start, memory_note=session.memory_note)
+            self.store.append_messages(
+                self.session_id, same, new, window_start=session.window_start, memory_note=session.memory_note
+            )
         self._saved = msgs
         return self.session_id
 
@@ -89,7 +96,9 @@ def apply_record(session, rec: SessionRecord) -> list:
     """Put a saved conversation into ``session`` (cache emptied); returns the engine messages."""
     from fmchat.engine.session import Message
 
-    msgs = [Message(m.role, m.content, m.cancelled, stats_from_dict(m.stats), list(m.token_ids or [])) for m in rec.messages]
+    msgs = [
+        Message(m.role, m.content, m.cancelled, stats_from_dict(m.stats), list(m.token_ids or [])) for m in rec.messages
+    ]
     session.reset()
     session.messages[:] = msgs
     session.window_start = min(rec.window_start, len(msgs))

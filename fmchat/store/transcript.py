@@ -43,12 +43,27 @@ def to_dict(rec: SessionRecord) -> dict:
         "format": FORMAT,
         "version": VERSION,
         "session": {
-            "id": rec.id, "title": rec.title, "title_set": rec.title_set, "created": rec.created, "updated": rec.updated,
-            "model": rec.model, "backend": rec.backend, "settings": rec.settings, "system": rec.system,
-            "window_start": rec.window_start, "memory_note": rec.memory_note,
-        },  # fmt: skip
+            "id": rec.id,
+            "title": rec.title,
+            "title_set": rec.title_set,
+            "created": rec.created,
+            "updated": rec.updated,
+            "model": rec.model,
+            "backend": rec.backend,
+            "settings": rec.settings,
+            "system": rec.system,
+            "window_start": rec.window_start,
+            "memory_note": rec.memory_note,
+        },
         "messages": [
-            {"role": m.role, "content": m.content, "created": m.created, "cancelled": m.cancelled, "stats": m.stats, "token_ids": m.token_ids}
+            {
+                "role": m.role,
+                "content": m.content,
+                "created": m.created,
+                "cancelled": m.cancelled,
+                "stats": m.stats,
+                "token_ids": m.token_ids,
+            }
             for m in rec.messages
         ],
     }
@@ -101,7 +116,7 @@ def _num(v) -> bool:
 def from_dict(data) -> SessionRecord:
     """Validate a parsed transcript and build the record (TranscriptError on the first problem)."""
     _need(isinstance(data, dict), "transcript", "expected a JSON object")
-    _need(data.get("format") == FORMAT, "transcript", f"not an fmchat transcript (\"format\" must be \"{FORMAT}\")")
+    _need(data.get("format") == FORMAT, "transcript", f'not an fmchat transcript ("format" must be "{FORMAT}")')
     v = data.get("version")
     if v != VERSION:
         newer = isinstance(v, int) and not isinstance(v, bool) and v > VERSION
@@ -120,7 +135,9 @@ def from_dict(data) -> SessionRecord:
     _need(isinstance(s.get("settings"), dict), "session.settings", "expected an object")
     _need(s.get("system") is None or isinstance(s.get("system"), str), "session.system", "expected a string or null")
     ws = s.get("window_start")
-    _need(isinstance(ws, int) and not isinstance(ws, bool) and ws >= 0, "session.window_start", "expected an integer >= 0")
+    _need(
+        isinstance(ws, int) and not isinstance(ws, bool) and ws >= 0, "session.window_start", "expected an integer >= 0"
+    )
     msgs = data.get("messages")
     _need(isinstance(msgs, list), "messages", "expected a list")
     _need(ws <= len(msgs), "session.window_start", "beyond the last message")
@@ -156,7 +173,9 @@ def read_file(path: Path) -> SessionRecord:
     if not path.is_file():
         raise TranscriptError(f"{path}: not a file")
     if size > MAX_IMPORT_BYTES:
-        raise TranscriptError(f"{path}: {size / 1024**2:.1f} MiB is over the {MAX_IMPORT_BYTES // 1024**2} MiB import limit")
+        raise TranscriptError(
+            f"{path}: {size / 1024**2:.1f} MiB is over the {MAX_IMPORT_BYTES // 1024**2} MiB import limit"
+        )
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_IMPORT_BYTES + 1)
@@ -173,7 +192,9 @@ def read_file(path: Path) -> SessionRecord:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TranscriptError(f"{path}: not valid JSON, truncated or malformed ({exc.msg} at line {exc.lineno})") from None
+        raise TranscriptError(
+            f"{path}: not valid JSON, truncated or malformed ({exc.msg} at line {exc.lineno})"
+        ) from None
     except RecursionError:
         raise TranscriptError(f"{path}: JSON nested too deeply") from None
     try:

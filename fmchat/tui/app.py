@@ -411,9 +411,7 @@ class FmchatApp(App):
 
     @work(thread=True, group="turn")
     def _turn_worker(self, text: str) -> None:
-        from fmchat.engine import ContextOverflow, EmptyPrompt, TurnInProgress
-
-        from fmchat.engine import TurnDone, TurnStarted
+        from fmchat.engine import ContextOverflow, EmptyPrompt, TurnDone, TurnInProgress, TurnStarted
 
         started = False
         done = False

@@ -19,7 +19,6 @@ from textual.widgets import Button, DataTable, Input, Static
 
 from fmchat.text import neutralize
 
-
 DIALOG_CSS = """
 .sessions-dialog {
     width: 100;
@@ -110,10 +109,13 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
-    DEFAULT_CSS = DIALOG_CSS + """
+    DEFAULT_CSS = (
+        DIALOG_CSS
+        + """
     SessionsScreen { align: center middle; }
     #sessions-table { height: auto; max-height: 24; margin: 1 0; }
     """
+    )
     BINDINGS = [
         Binding("escape", "close", "Close"),
         Binding("ctrl+n", "new_chat", "New chat"),
@@ -229,5 +231,9 @@ class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
                     self.app.post_message(SessionDeleted(row.id))
                 self.reload()
 
-        self.app.push_screen(ConfirmScreen(f"Delete “{neutralize(row.title) or row.id}” ({row.message_count} messages)? This cannot be undone."), done)
-
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Delete “{neutralize(row.title) or row.id}” ({row.message_count} messages)? This cannot be undone."
+            ),
+            done,
+        )
