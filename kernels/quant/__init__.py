@@ -102,6 +102,28 @@ class QuantizedLinear(nn.Module):
         return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
 
 
+# Under torch.compile the packed matmuls are opaque custom ops: inductor's own lowering of
+# _weight_int8pack_mm / _weight_int4pack_mm_for_cpu asserts on a computed (cast) input, and gains nothing here.
+@torch.library.custom_op("kernels_quant::int8pack_mm", mutates_args=())
+def _int8pack_mm_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.contiguous(), w, s)
+
+
+@_int8pack_mm_op.register_fake
+def _(x, w, s):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("kernels_quant::int4pack_mm_cpu", mutates_args=())
+def _int4pack_mm_op(x: torch.Tensor, w: torch.Tensor, group_size: int, sz: torch.Tensor, n: int) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), w, group_size, sz)
+
+
+@_int4pack_mm_op.register_fake
+def _(x, w, group_size, sz, n):
+    return x.new_empty(x.shape[0], n)
+
+
 # ---------------------------------------------------------------------------------------------- int8
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
@@ -124,6 +146,8 @@ class Int8Linear(QuantizedLinear):
     def _mm(self, x2):
         s = self.scales.to(x2.dtype)
         if HAS_INT8_MM and (x2.device.type == "cpu" or self._cuda_op_ok(x2)):
+            if torch.compiler.is_compiling():
+                return torch.ops.kernels_quant.int8pack_mm(x2, self.weight_int8, s)  # s: folded once under freezing
             return torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, s)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * s  # dequantize in the matmul path
 
@@ -191,6 +215,9 @@ class Int4Linear(QuantizedLinear):
 
     def _mm(self, x2):
         if self.layout == "cpu":
+            if torch.compiler.is_compiling():
+                return torch.ops.kernels_quant.int4pack_mm_cpu(x2, self.weight_int4, self.group_size,
+                                                              self.scales_zeros.to(x2.dtype), self.out_features)  # fmt: skip
             return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group_size,
                                                      self.scales_zeros.to(x2.dtype))  # fmt: skip
         return F.linear(x2, self._dequant(x2.dtype))
