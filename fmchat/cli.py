@@ -281,6 +281,8 @@ def run(
         if rec is not None:
             recorder, rec = open_session(store, rec.id, session, spec=model)
             session.config.system = system
+            if not save:
+                recorder = None  # continue it here, but leave the saved session as it is
             typer.echo(f"session: {rec.id}", err=True)
             r = rebuild_cache(session, store, rec.id)
             typer.echo(

@@ -168,3 +168,14 @@ def test_plain_repl_saves_its_conversation(tiny_model):
     with Store(default_path()) as s:
         assert [m.content for m in s.get(ids[0]).messages if m.role == "user"] == ["Hello from the REPL"]
         assert [m.role for m in s.get(ids[1]).messages] == ["user", "assistant"]
+
+
+def test_no_save_continues_without_writing(tiny_model):
+    r = cli("run", "Keep me", "--model", tiny_model, *TINY)
+    sid = session_id_of(r.stderr)
+    before = cli("sessions", "export", sid, "--format", "json").stdout
+    c = cli("run", "--session", sid, "--no-save", "Not saved", *TINY)
+    assert c.exit_code == 0, c.output
+    assert cli("sessions", "export", sid, "--format", "json").stdout == before
+    n = cli("run", "--no-save", "Nothing at all", "--model", tiny_model, *TINY)
+    assert n.exit_code == 0 and "session:" not in n.stderr

@@ -606,6 +606,11 @@ class FmchatApp(App):
             gen = GenerationConfig(new.max_new_tokens, new.temperature, new.top_p, new.seed)
             if gen != cfg.gen:
                 self.session.set_generation(gen)
+            if self.recorder is not None and self.recorder.session_id is not None:
+                try:
+                    self.recorder.update_settings(self.session)  # the saved chat records what it now runs with
+                except Exception as exc:  # noqa: BLE001  shown, the chat goes on
+                    self.note(f"could not save the session settings: {exc}", "error")
         reload = new.load_key() != old.load_key() or (self.session is None and not self.loading)
         if reload and not self.loading:
             self.note("reloading the model for the new settings…")
