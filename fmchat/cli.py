@@ -226,6 +226,7 @@ def run(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quant: QuantOpt = "none",
+    compile_: CompileOpt = "off",
     threads: ThreadsOpt = None,
     backend: BackendOpt = "transformers",
     base_url: BaseUrlOpt = None,
@@ -268,7 +269,7 @@ def run(
                 system = rec.system
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, compile=compile_,
             backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except (UserError, StoreError) as exc:
@@ -354,6 +355,7 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quant: QuantOpt = "none",
+    compile_: CompileOpt = "off",
     threads: ThreadsOpt = None,
     backend: BackendOpt = "transformers",
     base_url: BaseUrlOpt = None,
@@ -378,7 +380,7 @@ def chat(
     try:
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, compile=compile_,
             backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except UserError as exc:

@@ -100,6 +100,7 @@ def test_bench_decode_reports_every_column(tiny_model, capsys):
             assert r["decode_tok_s"][str(c)] > 0
         assert r["ttft_ms"] > 0 and r["weights_bytes"] > 0 and r["bound_tok_s"] > 0
     assert out["rows"][2]["decode_path"].startswith("compiled")
+    assert out["rows"][3]["decode_path"].startswith("compiled")  # int8 packed matmuls compile too (custom ops)
 
 
 def test_threads_default_is_physical_cores():

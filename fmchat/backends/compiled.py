@@ -12,6 +12,9 @@ same ``kernels.attention`` code as the eager ``fmc`` path (on CPU it reads the f
 Prefill stays eager (chunks of many tokens, through ``FmcCache.update``); the host-side fill mirror of the
 cache is advanced by the backend after each compiled step.
 
+CPU only for now: on an H100 the compiled step's greedy tokens differed from eager (CUDA graphs were also
+skipped for the mutating custom op), so on CUDA the backend refuses it and decodes eagerly, saying so.
+
 The compile cost is paid once per backend (per model and load options), at load, as a progress step; any
 failure there (no C++ compiler, an unsupported backend or model, an error on the warm-up step) leaves the
 backend on the eager path with the reason in ``compile_status``.
@@ -84,6 +87,9 @@ class CompiledStep:
     """One compiled one-token forward over an ``FmcCache``. Call ``warm_up`` once (compiles); then ``__call__``."""
 
     def __init__(self, model, cache, device: str, choice: str = "on"):
+        if device != "cpu":
+            # Checked on an H100 (docs/decode.md): greedy tokens differed from eager there, so stay eager on GPU.
+            raise NotImplementedError("the compiled decode step is CPU-only for now (on CUDA it did not match eager)")
         self.model = model
         self.cache = cache
         self.device = device
