@@ -48,6 +48,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+KernelOpt = Annotated[str, typer.Option("--kernel", help="Attention: sdpa | eager | fmc (kernels/attention).")]
 QuantOpt = Annotated[str, typer.Option("--quant", help="Weights: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant).")]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="transformers | llamacpp | openai")]
 BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8080/v1")]
@@ -226,6 +227,7 @@ def run(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quant: QuantOpt = "none",
+    kernel: KernelOpt = "sdpa",
     compile_: CompileOpt = "off",
     threads: ThreadsOpt = None,
     backend: BackendOpt = "transformers",
@@ -269,7 +271,7 @@ def run(
                 system = rec.system
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, compile=compile_,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, kernel=kernel, compile=compile_,
             backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except (UserError, StoreError) as exc:
@@ -355,6 +357,7 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quant: QuantOpt = "none",
+    kernel: KernelOpt = "sdpa",
     compile_: CompileOpt = "off",
     threads: ThreadsOpt = None,
     backend: BackendOpt = "transformers",
@@ -380,7 +383,7 @@ def chat(
     try:
         session = load_session(
             model, kv_cache=kv_cache, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, compile=compile_,
+            top_p=top_p, seed=seed, ctx=ctx, device=device, dtype=dtype, threads=threads, quant=quant, kernel=kernel, compile=compile_,
             backend=backend, base_url=base_url, api_model=api_model, gpu_layers=gpu_layers, memory=memory,
         )  # fmt: skip
     except UserError as exc:
