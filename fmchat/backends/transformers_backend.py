@@ -66,6 +66,7 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar ignores the switch above
 
 
 def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
