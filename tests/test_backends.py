@@ -160,6 +160,7 @@ class Script:
     def __init__(self, *answers):
         self.answers = list(answers)
         self.headers: list[dict] = []
+        self.bodies: list[bytes] = []
 
 
 def toy_server(script: Script):
@@ -176,7 +177,7 @@ def toy_server(script: Script):
             self.wfile.write(body)
 
         def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            script.bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             script.headers.append(dict(self.headers))
             status, body = script.answers.pop(0) if script.answers else (500, b"no more answers")
             self.send_response(status)
@@ -258,3 +259,18 @@ def test_bench_backends_runs_both_local_backends(tmp_path):
     for v in result["backends"].values():
         assert len(v["turns"]) == 2 and v["ttft_ms_median"] > 0
     assert result["backends"]["llamacpp"]["turns"][1]["prefilled_tokens"] < result["backends"]["llamacpp"]["turns"][1]["prompt_tokens"]
+
+
+def test_llamacpp_greedy_reply_is_what_llama_cpp_itself_answers(default_gguf):
+    """fmchat's own loop on llama.cpp gives the reply llama-cpp-python's chat completion gives (greedy)."""
+    import llama_cpp
+
+    question = "What is the capital of France?"
+    b = backends.load(None, "llamacpp", backends.LoadOptions(ctx=512, threads=1))
+    s = ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=24, temperature=0)))
+    ours = s.run_turn(question).reply
+    b.close()
+    llm = llama_cpp.Llama(model_path=str(default_gguf), n_ctx=512, n_threads=1, verbose=False)
+    theirs = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0, top_k=1, max_tokens=24)
+    llm.close()
+    assert ours == theirs["choices"][0]["message"]["content"]

@@ -164,3 +164,15 @@ def test_bench_load_times_first_and_later_loads(tiny_model):
     assert all(row["seconds"] > 0 and row["converted"] is False for row in loads)  # an HF dir needs no conversion
     r = cli("bench", "load", "--model", "no-such-model")
     assert r.exit_code == 2 and "unknown model" in r.stderr
+
+
+def test_run_with_the_fmc_kernel_reports_a_preallocated_cache(tiny_model):
+    r = cli("run", "Hello!", "Again.", "--model", tiny_model, "--kernel", "fmc", "--ctx", "256", "--dtype", "float32",
+            "--temperature", "0", "--max-new-tokens", "6", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = json_lines(r.stdout)
+    # 2 layers x K and V x 2 kv heads x 16 dims x 256 positions x 4 bytes, from the first token on
+    assert [row["kv_bytes"] for row in rows] == [2 * 2 * 2 * 16 * 256 * 4] * 2
+    assert rows[1]["seq_lens"] == [rows[1]["ctx_used"]] and rows[1]["reused_tokens"] > 0
+    r = cli("run", "hi", "--model", tiny_model, "--kernel", "flash9")
+    assert r.exit_code == 2 and "unknown attention kernel 'flash9'" in r.stderr
