@@ -188,6 +188,8 @@ def root(
     backend: Annotated[str | None, typer.Option("--backend", help="transformers (llamacpp, openai: later)")] = None,
     quant: Annotated[str | None, typer.Option("--quant", help="none | bf16 | fp16 (int8, int4, log8: later)")] = None,
     kernel: Annotated[str | None, typer.Option("--kernel", help="Attention kernel: sdpa | eager | fmc")] = None,
+    base_url: BaseUrlOpt = None,
+    api_model: ApiModelOpt = None,
     ctx_size: Annotated[int | None, typer.Option("--ctx", min=16, help="Context window cap (tokens).")] = None,
     system: SystemOpt = None,
     theme: Annotated[str | None, typer.Option("--theme", help="fmchat-dark | fmchat-light | fmchat-high-contrast | ...")] = None,
@@ -204,7 +206,7 @@ def root(
         try:
             launch_tui(
                 threads, session_id=session_id, model=model, kv_cache=kv_cache, backend=backend, quant=quant, kernel=kernel, ctx=ctx_size,
-                system=system, theme=theme, device=device, dtype=dtype,
+                system=system, theme=theme, device=device, dtype=dtype, base_url=base_url, api_model=api_model,
             )  # fmt: skip
         except UserError as exc:
             raise fail(str(exc)) from None

@@ -54,8 +54,6 @@ def _backend_reason(name: str, registered: set[str]) -> str:
         return NOT_YET
     if name == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
         return "needs llama-cpp-python (pip install llama-cpp-python)"
-    if name == "openai":
-        return "needs a server URL; use 'fmchat run --backend openai' (not in the app yet)"
     return ""
 
 

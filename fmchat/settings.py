@@ -17,6 +17,8 @@ DEFAULT_THEME = "fmchat-dark"
 class Settings:
     model: str | None = None  # None = the default model
     backend: str = "transformers"
+    base_url: str | None = None  # openai backend: the server, e.g. http://127.0.0.1:8080/v1
+    api_model: str | None = None  # openai backend: the model name on the server (None = the first it lists)
     quant: str = "none"
     kernel: str = "sdpa"
     kv_cache: bool = True
@@ -42,7 +44,8 @@ class Settings:
 
     def load_key(self) -> tuple:
         """Settings that need the model reloaded when they change."""
-        return (self.model, self.backend, self.quant, self.kernel, self.ctx, self.device, self.load_dtype)
+        return (self.model, self.backend, self.base_url, self.api_model, self.quant, self.kernel, self.ctx, self.device,
+                self.load_dtype)  # fmt: skip
 
     def override(self, **values) -> Settings:
         """A copy with every non-None value replaced (how CLI flags apply on top of the file)."""
@@ -53,6 +56,10 @@ class Settings:
         from fmchat import options
 
         problems = [p for kind in options.REGISTRY if (p := options.check(kind, getattr(self, kind)))]
+        if self.backend == "openai" and not self.base_url:
+            problems.append("the openai backend needs a server URL (e.g. http://127.0.0.1:8080/v1)")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            problems.append(f"server URL '{self.base_url}' must start with http:// or https://")
         if self.ctx is not None and self.ctx < 16:
             problems.append(f"context size must be at least 16 tokens (got {self.ctx})")
         if self.temperature < 0:

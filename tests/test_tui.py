@@ -193,9 +193,9 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
         await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), "settings open")
         screen = app.screen
         # Choices that cannot be used here are listed, disabled, with the reason.
-        backend = screen.query_one("#set-backend", ChoiceSet)
-        openai = [b for b, c in zip(backend.query("RadioButton"), backend.choices) if c.value == "openai"][0]
-        assert openai.disabled and "needs a server URL" in str(openai.label)
+        device = screen.query_one("#set-device", ChoiceSet)
+        cuda = [b for b, c in zip(device.query("RadioButton"), device.choices) if c.value == "cuda"][0]
+        assert cuda.disabled and "CUDA" in str(cuda.label)
         policy = screen.query_one("#set-memory_policy", ChoiceSet)
         sliding = [b for b, c in zip(policy.query("RadioButton"), policy.choices) if c.value == "sliding"][0]
         sliding.value = True

@@ -46,8 +46,11 @@ def test_registry_lists_every_kind_with_reasons():
         assert cs and cs[0].available  # the first choice (the default path) always works
         for c in cs:
             assert c.available or c.reason, (kind, c)
-    assert options.check("backend", "openai") is not None  # not selectable in the app: says why
-    assert "not implemented yet" in (options.check("backend", "openai") or "") or "server URL" in options.check("backend", "openai")
+    assert options.check("backend", "openai") is None  # selectable; it needs a server URL (checked by Settings)
+    assert "needs a server URL" in Settings(backend="openai").validate()[0]
+    assert Settings(backend="openai", base_url="http://127.0.0.1:9/v1").validate() == []
+    assert "must start with http" in Settings(backend="openai", base_url="ftp://x").validate()[0]
+    assert options.check("backend", "vllm-direct") is not None  # unknown: says which choices exist
 
 
 def test_shipped_and_user_themes_load():
@@ -72,7 +75,8 @@ def test_shipped_and_user_themes_load():
     "args, message",
     [
         (["--backend", "nope"], "unknown backend 'nope'"),
-        (["--backend", "openai"], "backend 'openai'"),
+        (["--backend", "openai"], "needs a server URL"),
+        (["--backend", "openai", "--base-url", "ftp://x"], "must start with http"),
         (["--theme", "no-such-theme"], "unknown theme 'no-such-theme'"),
         (["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
         (["--kernel", "magic"], "unknown kernel 'magic'"),

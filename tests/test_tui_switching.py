@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from test_tui import SIZE, ready, screen_text, send, tiny_settings, turn_done, wait_for
 from textual.widgets import Input
 
@@ -105,3 +107,34 @@ async def test_memory_policy_leaves_a_marker_in_the_chat(tiny_model):
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert app.session.config.memory == "none"
+
+
+async def test_conversation_moves_to_an_openai_compatible_server(tiny_model):
+    from test_backends import Script, sse, toy_server
+
+    script = Script((200, sse("Served ", "reply.", usage={"prompt_tokens": 40, "completion_tokens": 2})))
+    srv, url = toy_server(script)
+    try:
+        app = FmchatApp(tiny_settings(tiny_model), persist=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            await send(pilot, "Hello")
+            await turn_done(pilot, 1)
+            screen = await open_settings(pilot)
+            choose(screen, "backend", "openai")
+            await pilot.pause()
+            await pilot.press("ctrl+s")  # no server URL yet: refused with the reason, the pane stays open
+            await pilot.pause()
+            assert isinstance(app.screen, SettingsScreen) and "needs a server URL" in screen_text(app)
+            screen.query_one("#set-base_url", Input).value = url
+            await apply_and_reload(pilot, screen)
+            assert app.session.backend.name == "openai"
+            await send(pilot, "And now?")
+            await turn_done(pilot, 2)
+            assert app.session.messages[-1].content == "Served reply."
+            sent = json.loads(script.bodies[-1])["messages"]
+            assert [m["content"] for m in sent if m["role"] == "user"] == ["Hello", "And now?"]  # transcript carried over
+            st = app.query_one(InferencePanel).state
+            assert st.backend == "openai" and st.kv_bytes is None and "n/a" in screen_text(app)
+    finally:
+        srv.shutdown()

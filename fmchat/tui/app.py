@@ -285,6 +285,7 @@ class FmchatApp(App):
     @work(thread=True, exclusive=True, group="load")
     def _load_worker(self, settings: Settings, previous: Settings | None) -> None:
         from fmchat import backends, models
+        from fmchat.backends.openai_backend import BackendError
 
         if self.threads:
             from fmchat.engine.session import set_threads
@@ -298,11 +299,12 @@ class FmchatApp(App):
 
         extra = {"quant": settings.quant} if engine_has_quant() else {}
         opts = backends.LoadOptions(
-            device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel, **extra
-        )
+            device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel,
+            base_url=settings.base_url, api_model=settings.api_model, **extra,
+        )  # fmt: skip
         try:
             backend = backends.load(settings.model, settings.backend, opts, progress)
-        except (models.ModelNotFound, backends.UnknownBackend, ValueError) as exc:
+        except (models.ModelNotFound, backends.UnknownBackend, BackendError, ValueError) as exc:
             self.post_message(LoadFailed(str(exc), settings, previous))
             return
         except Exception as exc:  # anything else is still a message on screen, never a traceback

@@ -77,6 +77,14 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 )
                 for kind, label in CHOICE_ROWS:
                     yield _row(label, ChoiceSet(kind, getattr(s, kind)))
+                yield _row(
+                    "Server URL",
+                    Input(s.base_url or "", placeholder="http://127.0.0.1:8080/v1", id="set-base_url"),
+                    "openai backend",
+                )
+                yield _row(
+                    "Server model", Input(s.api_model or "", placeholder="first listed", id="set-api_model"), "openai backend"
+                )
                 yield _row("KV cache", Switch(s.kv_cache, id="set-kv_cache"), "reuse the cache across turns")
                 yield _row(
                     "Context size",
@@ -123,6 +131,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         values["model"] = model or None
         for kind, _ in CHOICE_ROWS:
             values[kind] = self.query_one(f"#set-{kind}", ChoiceSet).selected or getattr(self.settings, kind)
+        values["base_url"] = self.query_one("#set-base_url", Input).value.strip() or None
+        values["api_model"] = self.query_one("#set-api_model", Input).value.strip() or None
         values["kv_cache"] = self.query_one("#set-kv_cache", Switch).value
         values["ctx"] = number("ctx", int, optional=True)
         values["temperature"] = number("temperature", float)
