@@ -217,3 +217,26 @@ def test_decode_attention_bench_rows():
     assert [(r["impl"], r["ctx"]) for r in rows] == [("sdpa", 16), ("fmc", 16), ("sdpa", 40), ("fmc", 40)]
     assert all(r["ms"] > 0 and r["max_abs_diff"] < 1e-5 for r in rows)
     assert "fmc" in format_table(rows)
+
+
+@pytest.mark.parametrize("prev,n", [([37], 1), ([13], 7), ([0], 19), ([20, 20], 3)])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (8, 1)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_exact_fill_path_matches_reference(prev, n, hq, hkv, window):
+    """exact=True (every row filled to kv_len, known on the host) takes PyTorch's fused SDPA on the filled views:
+    same results as the general path and the reference, garbage past the fill never read."""
+    q, k, v, lens = make_case(prev, n, hq=hq, hkv=hkv, garbage="nan")
+    L = prev[0] + n
+    fast = fmc_attention(q, k, v, lens, impl="cpu", kv_len=L, exact=True, sliding_window=window)
+    general = fmc_attention(q, k, v, lens, impl="cpu", kv_len=L, sliding_window=window)
+    want = reference_attention(q, k, v, lens, sliding_window=window)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, want, **FP32_TOL)
+    torch.testing.assert_close(fast, general, **FP32_TOL)
+
+
+def test_cpu_exact_fill_path_in_bf16():
+    q, k, v, lens = make_case([30], 4, hq=4, hkv=2, dtype=torch.bfloat16)
+    fast = fmc_attention(q, k, v, lens, impl="cpu", kv_len=34, exact=True)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference_attention(q, k, v, lens).float(), **BF16_TOL)

@@ -128,11 +128,13 @@ def fmc_attention_forward(module, query, key, value, attention_mask=None, scalin
     layer = ref() if ref is not None else None
     if layer is not None and layer.keys is key:
         seq_lens, kv_len = layer.seq_lens, max(layer.host_lens)
+        exact = min(layer.host_lens) == kv_len  # every row filled to the same length, known on the host
     else:  # no fmc cache (e.g. use_cache=False): every key is filled
         seq_lens = torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device)
-        kv_len = key.shape[2]
+        kv_len, exact = key.shape[2], True
     causal = getattr(module, "is_causal", True)
-    out = fmc_attention(query, key, value, seq_lens, scale=scaling, causal=causal, sliding_window=sliding_window, kv_len=kv_len)
+    out = fmc_attention(query, key, value, seq_lens, scale=scaling, causal=causal, sliding_window=sliding_window,
+                        kv_len=kv_len, exact=exact)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -37,6 +37,7 @@ def fmc_attention(
     sliding_window: int | None = None,
     kv_len: int | None = None,
     impl: str = "auto",
+    exact: bool = False,
     **triton_options,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, H_q, n, D]`` over the first ``seq_lens[b]`` positions of the caches. Returns
@@ -45,7 +46,8 @@ def fmc_attention(
     The ``n`` queries are the *last* ``n`` filled positions of each row (``append_kv`` them first), so the same call
     serves decode (``n == 1``), a first prefill and a prefill chunk after an existing cache.
     ``kv_len``: optional host-side upper bound on ``seq_lens`` (e.g. tracked by the cache) that lets the kernel skip
-    the unfilled tail without reading ``seq_lens`` on the host. ``impl``: ``auto`` (Triton on CUDA, else CPU), ``cpu``
+    the unfilled tail without reading ``seq_lens`` on the host. ``exact=True`` promises every row is filled to
+    exactly ``kv_len`` (a batch of one, say): the CPU path then runs PyTorch's fused SDPA on the filled views. ``impl``: ``auto`` (Triton on CUDA, else CPU), ``cpu``
     or ``triton``.
     """
     _check(q, k_cache, v_cache, seq_lens)
@@ -54,7 +56,8 @@ def fmc_attention(
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available() else "cpu"
     if impl == "cpu":
-        return cpu_attention(q, k_cache, v_cache, seq_lens, scale=scale, causal=causal, sliding_window=sliding_window, kv_len=kv_len)
+        return cpu_attention(q, k_cache, v_cache, seq_lens, scale=scale, causal=causal, sliding_window=sliding_window,
+                             kv_len=kv_len, exact=exact)  # fmt: skip
     if impl == "triton":
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the Triton kernel needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 SCORE_BYTES = 64 * 1024 * 1024  # fp32 score-matrix budget per block of queries
 
@@ -24,10 +25,13 @@ def cpu_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     kv_len: int | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     B, Hq, n, D = q.shape
     _, Hkv, max_len, _ = k_cache.shape
     G = Hq // Hkv
+    if exact and kv_len is not None and 0 < n <= kv_len <= max_len:
+        return _exact_fill_attention(q, k_cache, v_cache, int(kv_len), scale, causal, sliding_window)
     # kv_len: a host-side upper bound on seq_lens (the cache knows it without a sync); keys past it are never touched.
     L = max_len if kv_len is None else max(0, min(int(kv_len), max_len))
     out = torch.empty(B, Hkv, G, n, v_cache.shape[-1], dtype=q.dtype, device=q.device)
@@ -65,3 +69,21 @@ def cpu_attention(
         o = o / torch.where(denom > 0, denom, torch.ones_like(denom))  # a query that sees no key outputs zeros
         out[:, :, :, s:e] = o.to(q.dtype)
     return out.reshape(B, Hq, n, -1)
+
+
+def _exact_fill_attention(q, k_cache, v_cache, L: int, scale, causal, sliding_window) -> torch.Tensor:
+    """Every row is filled to exactly ``L`` (the caller knows it on the host): no key inside ``[:L]`` is garbage,
+    so PyTorch's fused SDPA over the ``[:L]`` views does the work (fp32 accumulation inside, GQA without a copy).
+    Query ``i`` sits at ``L - n + i``; a mask is built only for a prefill chunk (decode sees every key)."""
+    n = q.shape[2]
+    mask = None
+    if (causal and n > 1) or sliding_window is not None:
+        j = torch.arange(L, device=q.device).view(1, L)
+        pos = torch.arange(L - n, L, device=q.device).view(n, 1)
+        mask = (j <= pos) if causal else torch.ones(n, L, dtype=torch.bool, device=q.device)
+        if sliding_window is not None:
+            mask = mask & (j > pos - sliding_window)
+    k, v = k_cache[:, :, :L], v_cache[:, :, :L]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
