@@ -15,6 +15,18 @@ from typing import Protocol, runtime_checkable
 ProgressFn = Callable[[str, "float | None"], None]
 
 
+def default_threads() -> int:
+    """CPU threads by default: the physical cores this process may run on (SMT siblings share one core's
+    units; they slow decode down). Used for PyTorch and llama.cpp alike."""
+    import os
+
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or usable
+    return max(1, min(usable, physical))
+
+
 def no_progress(step: str, fraction: float | None = None) -> None:
     pass
 

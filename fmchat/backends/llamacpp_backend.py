@@ -7,7 +7,6 @@ the ledger. The KV cache is allocated by llama.cpp for the whole context window 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
@@ -16,16 +15,12 @@ import torch
 
 from fmchat import models
 
-from .base import LoadOptions, LoadReport, ProgressFn, no_progress
+from .base import LoadOptions, LoadReport, ProgressFn, default_threads, no_progress
 
 DEFAULT_CTX_CAP = 8192
 # general.file_type values of llama.cpp's GGUF writer (the common ones)
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
               12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 class LlamaCppBackend:
@@ -45,7 +40,7 @@ class LlamaCppBackend:
         self._llama_cpp = llama_cpp
         gpu_layers = options.gpu_layers if options.device != "cpu" else 0
         progress(f"loading {source.path.name} with llama.cpp", None)
-        # First a tiny context to read the model's own window, then the real one.
+        # Opened with the default window cap; reopened below if the model's own window is smaller.
         self.llm = llama_cpp.Llama(
             model_path=str(source.path),
             n_ctx=options.ctx or DEFAULT_CTX_CAP,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fmchat.backends.base import Backend
+from fmchat.backends.base import Backend, default_threads
 
 from .detok import StreamDecoder
 from .events import Event, TextDelta, TurnDone, TurnStarted
@@ -452,17 +452,6 @@ class ChatSession:
                 done = ev
         assert done is not None
         return done
-
-
-def default_threads() -> int:
-    """Physical cores this process may run on (SMT siblings share one core's units; they slow decode down)."""
-    import os
-
-    import psutil
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    physical = psutil.cpu_count(logical=False) or usable
-    return max(1, min(usable, physical))
 
 
 def set_threads(n: int | None) -> None:
