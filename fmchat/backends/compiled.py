@@ -1,19 +1,20 @@
 """``--compile``: the one-token decode step of the transformers backend under ``torch.compile``.
 
-The step runs the Hugging Face model on one token with fixed shapes: ``input_ids`` ``[1, 1]`` and
-``position_ids`` ``[1, 1]`` (preallocated, filled in place), the KV cache passed as the preallocated
-``FmcCache`` buffers of ``--kernel fmc`` (``[1, H_kv, ctx, D]`` per layer, never reallocated). Nothing is
-marked dynamic, so one graph serves every position: the only length that changes is the per-layer
-``seq_lens`` *tensor*, read by the attention custom op below, which the compiler treats as opaque.
+The step runs the Hugging Face model on one token: ``input_ids`` and ``position_ids`` ``[1, 1]`` (preallocated,
+filled in place) and the preallocated ``FmcCache`` buffers of ``--kernel fmc`` (``[1, H_kv, ctx, D]`` per layer,
+never reallocated), all marked static. The one thing that varies is ``n``, the fill after this token, passed as a
+Python int and traced as a *symbolic* size (``dynamic=True``): one graph serves every position, and attention
+work grows with the fill, not with the window.
 
-``fmchat::decode_attention`` appends the new K/V at ``seq_lens`` and attends over the filled prefix with the
-same ``kernels.attention`` code as the eager ``fmc`` path (on CPU it reads the fill length with one cheap
-``int()``; on CUDA it leaves the bound to the kernel, so the step stays capturable in a CUDA graph).
-Prefill stays eager (chunks of many tokens, through ``FmcCache.update``); the host-side fill mirror of the
-cache is advanced by the backend after each compiled step.
+Everything is inside that one inductor graph: the K/V append (an in-place write of one row of each buffer), the
+attention over the filled rows (``decode_attention``: broadcasts and sums that inductor turns into fused loops
+converting the cache on the fly), and, with ``--quant int8``, the weight GEMVs (``kernels.quant.int8_gemv``: int8
+read once, converted in registers). After warm-up, calls skip Dynamo's frame evaluation (``_direct_entry``).
+Prefill stays eager (chunks of many tokens, through ``FmcCache.update``); the host-side fill mirror of the cache
+is advanced after each compiled step.
 
-CPU only for now: on an H100 the compiled step's greedy tokens differed from eager (CUDA graphs were also
-skipped for the mutating custom op), so on CUDA the backend refuses it and decodes eagerly, saying so.
+CPU only for now: on an H100 an earlier version of this step gave greedy tokens that differed from eager, so on
+CUDA the backend refuses it and decodes eagerly, saying so.
 
 The compile cost is paid once per backend (per model and load options), at load, as a progress step; any
 failure there (no C++ compiler, an unsupported backend or model, an error on the warm-up step) leaves the
@@ -23,64 +24,61 @@ backend on the eager path with the reason in ``compile_status``.
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 
-from kernels.attention import append_kv, fmc_attention
 
 # Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
 # ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
 COMPILE_CHOICES = ("off", "on")
 
 
-@torch.library.custom_op("fmchat::decode_attention", mutates_args=("k_cache", "v_cache", "seq_lens"))
-def decode_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int,
-) -> torch.Tensor:
-    """``q`` ``[B, H_q, n, D]``, ``k_new``/``v_new`` ``[B, H_kv, n, D]``: append, attend, return ``[B, n, H_q, D]``."""
-    B, n = q.shape[0], q.shape[2]
-    if q.is_cuda or B != 1 or n != 1 or sliding_window:
-        append_kv(k_cache, v_cache, k_new, v_new, seq_lens)
-        kv_len = None if q.is_cuda else int(seq_lens.max())  # CPU: nothing to sync with; bounds the keys read
-        out = fmc_attention(q, k_cache, v_cache, seq_lens, scale=scale, causal=True,
-                            sliding_window=sliding_window or None, kv_len=kv_len)  # fmt: skip
-        return out.transpose(1, 2).contiguous().clone()
-    # CPU, one row, one token: write at the fill, then plain attention over the filled prefix (no mask needed:
-    # the new token sees every cached key). A handful of ops, no fp32 copy of the cache.
-    p = int(seq_lens[0])
-    k_cache[:, :, p] = k_new[:, :, 0]
-    v_cache[:, :, p] = v_new[:, :, 0]
-    seq_lens.add_(1)
-    k = k_cache[:, :, : p + 1]
-    v = v_cache[:, :, : p + 1]
-    Hkv, D = k.shape[1], q.shape[-1]
-    qg = q.reshape(1, Hkv, q.shape[1] // Hkv, D).float()  # the query heads sharing a kv head, as rows
-    scores = torch.matmul(qg, k.transpose(-1, -2).float()).mul_(scale)  # [1, H_kv, G, p + 1], fp32
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float()).to(q.dtype)  # [1, H_kv, G, D]
-    return out.reshape(1, 1, q.shape[1], v.shape[-1])
-
-
-@decode_attention.register_fake
-def _decode_attention_fake(q, k_new, v_new, k_cache, v_cache, seq_lens, scale, sliding_window):
-    B, H, n, D = q.shape
-    return q.new_empty(B, n, H, v_cache.shape[-1])
-
-
 def step_attention(module, query, key, value, step, scaling, sliding_window):
-    """The ``fmc`` attention entry during a compiled step (``fmc_step`` kwarg): this layer's cache buffers."""
-    k_caches, v_caches, lens = step
+    """The ``fmc`` attention entry during a compiled step (``fmc_step`` kwarg): append this token's K/V to the
+    layer's preallocated buffers at the fill, then attend over the filled prefix, in plain PyTorch ops that
+    inductor fuses into the step's graph. ``n`` (the fill after this token) is a symbolic int: one graph
+    serves every length, and the work grows with the fill, not with the window."""
+    k_caches, v_caches, lens, n = step
     i = module.layer_idx
+    kc, vc = k_caches[i], v_caches[i]
+    kc[:, :, n - 1 : n] = key  # in place into the buffer (inductor writes the one row)
+    vc[:, :, n - 1 : n] = value
+    lens[i].add_(1)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    out = torch.ops.fmchat.decode_attention(query, key, value, k_caches[i], v_caches[i], lens[i], scale, int(sliding_window or 0))
-    return out, None
+    lo = 0
+    if sliding_window:  # keys j with j > position - window, position = n - 1
+        lo = torch.sym_max(0, n - int(sliding_window))
+    return decode_attention(query, kc[0, :, lo:n], vc[0, :, lo:n], scale), None
+
+
+@torch.library.custom_op("fmchat::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of ``x``, opaque to inductor: it must compute ``x`` once into a buffer. Without it inductor
+    inlines the query's RoPE (cos, sin) into the score loop and recomputes it for every cached key."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token: ``q`` ``[1, H_q, 1, D]``, ``k``/``v`` ``[H_kv, L, D]`` (the filled rows, cache dtype).
+    Each query head reads its kv head's rows through an expanded view (GQA without a copy); products, softmax and
+    sums in fp32. Written as broadcasts and sums, not matmuls, so that inductor emits fused loops that convert the
+    cache on the fly, parallel over the ``H_q`` query heads."""
+    Hq, D = q.shape[1], q.shape[-1]
+    Hkv, L = k.shape[0], k.shape[1]
+    G = Hq // Hkv
+    qh = materialize(q).reshape(Hq, 1, D)
+    kh = k.unsqueeze(1).expand(Hkv, G, L, D).reshape(Hq, L, D)
+    vh = v.unsqueeze(1).expand(Hkv, G, L, v.shape[-1]).reshape(Hq, L, v.shape[-1])
+    scores = (qh * kh.float()).sum(-1) * scale  # [H_q, L]
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs.unsqueeze(-1) * vh.float()).sum(1)  # [H_q, D]
+    return out.to(q.dtype).reshape(1, 1, Hq, v.shape[-1])
 
 
 class CompiledStep:
@@ -97,44 +95,74 @@ class CompiledStep:
         self.k = [layer.keys for layer in self.layers]
         self.v = [layer.values for layer in self.layers]
         self.lens = [layer.seq_lens for layer in self.layers]
+        for t in self.k + self.v:
+            torch._dynamo.mark_static(t)  # the buffers never change shape; only the fill ``n`` is symbolic
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        torch._dynamo.mark_static(self.ids)
+        torch._dynamo.mark_static(self.pos)
         backend = "inductor" if choice == "on" else choice
         self.backend = backend
-        self.skip_guards = False  # set after warm-up
+        self.direct = None  # set after warm-up: see _direct_entry
         kw: dict = {}
-        if backend == "inductor" and device == "cuda":
-            kw["mode"] = "reduce-overhead"  # CUDA graphs: one launch per token
-        elif backend == "inductor":
+        if backend == "inductor":
             kw["options"] = {"freezing": True}  # weights as constants: prepacked (oneDNN) linear layers on CPU
-        self.fn = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **kw)
+        # dynamic=True so that the int ``n`` (the fill after this token) is symbolic from the first trace: one graph
+        # for every position >= 1. Tensor inputs are marked static above.
+        self.fn = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=True, **kw)
 
-    def _step(self, ids, pos, k, v, lens):
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, fmc_step=(k, v, lens))
+    def _step(self, ids, pos, k, v, lens, n):
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, fmc_step=(k, v, lens, n))
         return out.logits[0, -1].float()
 
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Decode ``token`` at ``position`` (>= 1: the cache holds ``position`` tokens)."""
         self.ids.fill_(token)
         self.pos.fill_(position)
-        if self.skip_guards:  # one graph, fixed inputs: its guards cannot fail, so do not evaluate them per token
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits = self.fn(self.ids, self.pos, self.k, self.v, self.lens)
+        if self.direct is not None:
+            logits = self.direct(self, self.ids, self.pos, self.k, self.v, self.lens, position + 1)
         else:
-            logits = self.fn(self.ids, self.pos, self.k, self.v, self.lens)
-        for layer in self.layers:  # the host-side mirror of seq_lens (the op advanced the tensors)
+            logits = self.fn(self.ids, self.pos, self.k, self.v, self.lens, position + 1)
+        for layer in self.layers:  # the host-side mirror of seq_lens (the graph advanced the tensors)
             layer.host_lens = [x + 1 for x in layer.host_lens]
-        return logits.clone() if self.device == "cuda" else logits  # CUDA graphs reuse their output buffer
+        return logits
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile (two calls, so a recompile on the second would show), then empty the cache. Returns seconds."""
+        """Compile, run a few positions (a recompile would show as time here), then empty the cache. Returns seconds."""
         t0 = time.perf_counter()
         self.cache.crop_to(0)
         try:
-            for p in range(3):
+            self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                       cache_position=torch.zeros(1, dtype=torch.long), position_ids=self.pos)  # fmt: skip
+            for p in range(1, 4):
                 self(0, p)
+            self.direct = self._direct_entry()
+            if self.direct is not None:  # check it: the same step through both entries gives the same logits
+                self.cache.crop_to(3)
+                a = self(0, 3)
+                self.cache.crop_to(3)
+                direct, self.direct = self.direct, None
+                b = self(0, 3)
+                self.direct = direct if torch.equal(a, b) else None
         finally:
             self.cache.crop_to(0)
-        self.skip_guards = True
         return time.perf_counter() - t0
+
+    def _direct_entry(self):
+        """The function Dynamo compiled for ``_step`` (its transformed bytecode calling the inductor graph), called
+        without Dynamo's per-call frame evaluation and guard checks: ~1.7 ms per token for this model on the 2-core
+        CPU, since the guards cover every module and parameter. Safe here because nothing a guard checks can change:
+        one graph (fullgraph), inputs of fixed shape that are the same tensor objects on every call, ``n`` symbolic,
+        and the model is frozen (inference only). None when the entry cannot be found (then calls go through
+        Dynamo, as before)."""
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            entries = _debug_get_cache_entry_list(CompiledStep._step.__code__)
+        except Exception:  # noqa: BLE001 - a private API: without it, stay on the guarded path
+            return None
+        if len(entries) != 1:
+            return None
+        return types.FunctionType(entries[0].code, CompiledStep._step.__globals__, "compiled_step")

@@ -238,7 +238,7 @@ class TransformersBackend:
     @torch.inference_mode()
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
         past = self.cached_tokens()
-        if self._step is not None and len(ids) == 1:
+        if self._step is not None and len(ids) == 1 and past > 0:
             if past + 1 > self.ctx_size:
                 raise ValueError(f"fmc KV cache is full: {past} + 1 tokens > {self.ctx_size}")
             return self._step(int(ids[0]), past)

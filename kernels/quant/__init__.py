@@ -125,6 +125,16 @@ def _(x, w, group_size, sz, n):
 
 
 # ---------------------------------------------------------------------------------------------- int8
+def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[1, K]`` times int8 ``w`` ``[N, K]`` with per-row ``scales``, for tracing under ``torch.compile``.
+
+    Written as a broadcast product and a sum so that inductor emits one loop nest that reads each int8 weight
+    once, converts it in registers and accumulates in fp32 (no dequantized copy). For one row this streams the
+    weights from memory ~1.9x faster than ``_weight_int8pack_mm`` on the 2-core CPU of docs/decode.md.
+    """
+    return ((x.float() * w.float()).sum(-1) * scales.float()).to(x.dtype).unsqueeze(0).reshape(1, -1)
+
+
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
 
@@ -147,6 +157,8 @@ class Int8Linear(QuantizedLinear):
         s = self.scales.to(x2.dtype)
         if HAS_INT8_MM and (x2.device.type == "cpu" or self._cuda_op_ok(x2)):
             if torch.compiler.is_compiling():
+                if x2.shape[0] == 1:  # one row (a decode step): a fused GEMV, see int8_gemv
+                    return int8_gemv(x2, self.weight_int8, self.scales)
                 return torch.ops.kernels_quant.int8pack_mm(x2, self.weight_int8, s)  # s: folded once under freezing
             return torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, s)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * s  # dequantize in the matmul path
