@@ -806,6 +806,38 @@ def bench_decode_cmd(
         raise fail(str(exc)) from None
 
 
+
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    model: ModelOpt = None,
+    contexts: Annotated[str, typer.Option("--contexts", help="Context lengths (tokens) for the decode-attention table.")] = "128,256,512,1024,2048,4096,8192",
+    e2e_contexts: Annotated[str, typer.Option("--e2e-contexts", help="Context lengths for the end-to-end decode table.")] = "128,1024,4096",
+    configs: Annotated[str, typer.Option("--configs", help="End-to-end rows: sdpa,eager,fmc,fmc + compiled step")] = "sdpa,eager,fmc,fmc + compiled step",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded (timed) per end-to-end cell.")] = 32,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="End-to-end passes over every row; the best per cell is kept.")] = 2,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed calls per decode-attention cell.")] = 20,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "bfloat16",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decode-attention time per kernel vs context length, and end-to-end decode tok/s per --kernel, in one run."""
+    from fmchat import backends, models
+    from fmchat.bench.kernels import bench_kernels
+
+    try:
+        ctxs = [int(c) for c in contexts.split(",") if c.strip()]
+        e2e = [int(c) for c in e2e_contexts.split(",") if c.strip()]
+        if not ctxs or not e2e or min(ctxs + e2e) < 1:
+            raise UserError("--contexts / --e2e-contexts: comma-separated positive integers")
+        chosen = [c.strip() for c in configs.split(",") if c.strip()]
+        bench_kernels(model, contexts=ctxs, e2e_contexts=e2e, configs=chosen, new_tokens=new_tokens, rounds=rounds,
+                      iters=iters, dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
+    except ValueError as exc:
+        raise fail(f"--contexts: {exc}" if "invalid literal" in str(exc) else str(exc)) from None
+    except (models.ModelNotFound, backends.UnknownBackend) as exc:
+        raise fail(str(exc)) from None
+
 def main() -> None:
     try:
         app()

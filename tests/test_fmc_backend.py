@@ -92,3 +92,38 @@ def test_chat_session_replies_identical_to_sdpa(pairs, arch):
         replies[backend.kernel] = out
     assert replies["fmc"] == replies["sdpa"]
     assert any(ids for _, ids in replies["fmc"])
+
+
+def test_bench_kernels_cli_reports_every_kernel(tiny_model):
+    """`fmchat bench kernels --json` through the CLI: a decode-attention row per kernel at every context (each
+    agreeing with SDPA), and an end-to-end row per --kernel, the compiled step really compiled."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fmchat.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "kernels", "--model", str(tiny_model), "--contexts", "16,100", "--e2e-contexts", "16,40",
+                                   "--new-tokens", "3", "--rounds", "1", "--iters", "2", "--dtype", "float32", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = out["attention"]["rows"]
+    assert {r["impl"] for r in rows} == {"sdpa", "eager", "fmc", "fmc-ragged", "fmc-fused"}
+    for r in rows:
+        assert r["ctx"] in (16, 100) and r["ms"] > 0
+        assert r["max_abs_diff"] < 1e-5, r  # fp32: every kernel computes the same attention
+    e2e = {r["config"]: r for r in out["end_to_end"]["rows"]}
+    assert list(e2e) == ["sdpa", "eager", "fmc", "fmc + compiled step"]
+    assert e2e["fmc + compiled step"]["decode_path"].startswith("compiled")
+    for r in e2e.values():
+        assert r["decode_tok_s"]["16"] > 0 and r["decode_tok_s"]["40"] > 0 and r["ttft_ms"] > 0
+
+
+def test_bench_kernels_cli_rejects_bad_rows(tiny_model):
+    from typer.testing import CliRunner
+
+    from fmchat.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "kernels", "--model", str(tiny_model), "--configs", "sdpa,warp"])
+    assert res.exit_code != 0
+    assert "unknown kernel row 'warp'" in res.output and "Traceback" not in res.output

@@ -7,8 +7,8 @@ Python int and traced as a *symbolic* size (``dynamic=True``): one graph serves 
 work grows with the fill, not with the window.
 
 Everything is inside that one inductor graph: the K/V append (an in-place write of one row of each buffer), the
-attention over the filled rows (``decode_attention``: broadcasts and sums that inductor turns into fused loops
-converting the cache on the fly), and, with ``--quant int8``, the weight GEMVs (``kernels.quant.int8_gemv``: int8
+attention over the filled rows (``kernels.attention.decode_attention_fused``: broadcasts and sums that inductor
+turns into fused loops converting the cache on the fly), and, with ``--quant int8``, the weight GEMVs (``kernels.quant.int8_gemv``: int8
 read once, converted in registers). After warm-up, calls skip Dynamo's frame evaluation (``_direct_entry``).
 Prefill stays eager (chunks of many tokens, through ``FmcCache.update``); the host-side fill mirror of the cache
 is advanced after each compiled step.
@@ -23,11 +23,13 @@ backend on the eager path with the reason in ``compile_status``.
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 
 import torch
 
+from kernels.attention import decode_attention_fused
 
 # Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
 # ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
@@ -49,36 +51,24 @@ def step_attention(module, query, key, value, step, scaling, sliding_window):
     lo = 0
     if sliding_window:  # keys j with j > position - window, position = n - 1
         lo = torch.sym_max(0, n - int(sliding_window))
-    return decode_attention(query, kc[0, :, lo:n], vc[0, :, lo:n], scale), None
+    return decode_attention_fused(query, kc[0, :, lo:n], vc[0, :, lo:n], scale), None
 
 
-@torch.library.custom_op("fmchat::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """An fp32 copy of ``x``, opaque to inductor: it must compute ``x`` once into a buffer. Without it inductor
-    inlines the query's RoPE (cos, sin) into the score loop and recomputes it for every cached key."""
-    return x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+def _step(model, ids, pos, k, v, lens, n):
+    """The traced function: the model on one token, attention through ``step_attention``."""
+    out = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, fmc_step=(k, v, lens, n))
+    return out.logits[0, -1].float()
 
 
-@materialize.register_fake
-def _(x):
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+_STEPS = itertools.count(1)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token: ``q`` ``[1, H_q, 1, D]``, ``k``/``v`` ``[H_kv, L, D]`` (the filled rows, cache dtype).
-    Each query head reads its kv head's rows through an expanded view (GQA without a copy); products, softmax and
-    sums in fp32. Written as broadcasts and sums, not matmuls, so that inductor emits fused loops that convert the
-    cache on the fly, parallel over the ``H_q`` query heads."""
-    Hq, D = q.shape[1], q.shape[-1]
-    Hkv, L = k.shape[0], k.shape[1]
-    G = Hq // Hkv
-    qh = materialize(q).reshape(Hq, 1, D)
-    kh = k.unsqueeze(1).expand(Hkv, G, L, D).reshape(Hq, L, D)
-    vh = v.unsqueeze(1).expand(Hkv, G, L, v.shape[-1]).reshape(Hq, L, v.shape[-1])
-    scores = (qh * kh.float()).sum(-1) * scale  # [H_q, L]
-    probs = torch.softmax(scores, dim=-1)
-    out = (probs.unsqueeze(-1) * vh.float()).sum(1)  # [H_q, D]
-    return out.to(q.dtype).reshape(1, 1, Hq, v.shape[-1])
+def _own_step_function():
+    """A copy of ``_step`` with a code object of its own. Dynamo keeps compiled entries per code object, so each
+    CompiledStep (several backends in one process: a reload, ``bench decode``) gets exactly one entry of its own,
+    which ``_direct_entry`` can find without guessing."""
+    code = _step.__code__.replace(co_name=f"_step_{next(_STEPS)}")
+    return types.FunctionType(code, _step.__globals__, code.co_name)
 
 
 class CompiledStep:
@@ -109,11 +99,8 @@ class CompiledStep:
             kw["options"] = {"freezing": True}  # weights as constants: prepacked (oneDNN) linear layers on CPU
         # dynamic=True so that the int ``n`` (the fill after this token) is symbolic from the first trace: one graph
         # for every position >= 1. Tensor inputs are marked static above.
-        self.fn = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=True, **kw)
-
-    def _step(self, ids, pos, k, v, lens, n):
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, fmc_step=(k, v, lens, n))
-        return out.logits[0, -1].float()
+        self.step = _own_step_function()
+        self.fn = torch.compile(self.step, backend=backend, fullgraph=True, dynamic=True, **kw)
 
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
@@ -121,9 +108,9 @@ class CompiledStep:
         self.ids.fill_(token)
         self.pos.fill_(position)
         if self.direct is not None:
-            logits = self.direct(self, self.ids, self.pos, self.k, self.v, self.lens, position + 1)
+            logits = self.direct(self.model, self.ids, self.pos, self.k, self.v, self.lens, position + 1)
         else:
-            logits = self.fn(self.ids, self.pos, self.k, self.v, self.lens, position + 1)
+            logits = self.fn(self.model, self.ids, self.pos, self.k, self.v, self.lens, position + 1)
         for layer in self.layers:  # the host-side mirror of seq_lens (the graph advanced the tensors)
             layer.host_lens = [x + 1 for x in layer.host_lens]
         return logits
@@ -160,9 +147,9 @@ class CompiledStep:
         try:
             from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-            entries = _debug_get_cache_entry_list(CompiledStep._step.__code__)
+            entries = _debug_get_cache_entry_list(self.step.__code__)
         except Exception:  # noqa: BLE001 - a private API: without it, stay on the guarded path
             return None
         if len(entries) != 1:
             return None
-        return types.FunctionType(entries[0].code, CompiledStep._step.__globals__, "compiled_step")
+        return types.FunctionType(entries[0].code, self.step.__globals__, self.step.__name__)

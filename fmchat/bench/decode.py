@@ -125,8 +125,11 @@ def bench_decode(
     threads: int | None = None,
     read_mb: int = 512,
     json_out: bool = False,
+    extra_configs: dict[str, dict] | None = None,
+    quiet: bool = False,
 ) -> dict:
-    """Run the table; ``configs`` picks rows (``llama.cpp`` needs a GGUF model, skipped when ``llamacpp_model`` is None)."""
+    """Run the table; ``configs`` picks rows (``llama.cpp`` needs a GGUF model, skipped when ``llamacpp_model`` is None).
+    ``extra_configs``: more transformers rows, label -> LoadOptions fields. ``quiet``: return without printing."""
     from fmchat import backends
     from fmchat.engine.session import set_threads
 
@@ -147,7 +150,8 @@ def bench_decode(
             opts = backends.LoadOptions(device=device, ctx=ctx, threads=threads or torch.get_num_threads())
             b = backends.load(spec, "llamacpp", opts, lambda s, f=None: log(f"{label}: {s}"))
         else:
-            opts = backends.LoadOptions(device=device, dtype=dtype, ctx=ctx, threads=threads, **TRANSFORMERS[label])
+            fields = {**TRANSFORMERS, **(extra_configs or {})}[label]
+            opts = backends.LoadOptions(device=device, dtype=dtype, ctx=ctx, threads=threads, **fields)
             t0 = time.perf_counter()
             b = backends.load(model, "transformers", opts, lambda s, f=None, lb=label: log(f"{lb}: {s}"))
             log(f"{label}: loaded in {time.perf_counter() - t0:.1f} s ({getattr(b, 'compile_status', '')})")
@@ -212,12 +216,22 @@ def bench_decode(
         "read_gb_s": round(gbs, 1),
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()),
+        "attention_shape": _attention_shape(first_tf.model.config),
     }
+    if quiet:
+        return result
     if json_out:
         print(json.dumps(result))
     else:
         print_table(result)
     return result
+
+
+def _attention_shape(config) -> dict:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hq = cfg.num_attention_heads
+    return {"q_heads": hq, "kv_heads": getattr(cfg, "num_key_value_heads", None) or hq,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // hq, "layers": cfg.num_hidden_layers}  # fmt: skip
 
 
 def print_table(result: dict) -> None:

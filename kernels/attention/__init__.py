@@ -9,6 +9,7 @@ stored at or beyond ``seq_lens[b]`` is never read into the result, whatever it h
 """
 
 from .core import append_kv, fmc_attention, triton_available
+from .fused import decode_attention_fused
 from .reference import reference_attention
 
-__all__ = ["append_kv", "fmc_attention", "reference_attention", "triton_available"]
+__all__ = ["append_kv", "decode_attention_fused", "fmc_attention", "reference_attention", "triton_available"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import fmc_attention
+from .fused import decode_attention_fused
 
 
 def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
@@ -34,6 +35,16 @@ def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) * 1000 / iters
 
 
+_FUSED = None
+
+
+def _fused():
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(decode_attention_fused, dynamic=True)
+    return _FUSED
+
+
 def decode_attention_bench(
     context_lengths=(256, 1024, 4096),
     *,
@@ -44,6 +55,7 @@ def decode_attention_bench(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     impls: tuple[str, ...] | None = None,
+    extra: dict | None = None,
     warmup: int = 3,
     iters: int = 20,
     seed: int = 0,
@@ -51,8 +63,11 @@ def decode_attention_bench(
     """Milliseconds per decode-attention call at each context length, per implementation.
 
     ``impls``: names among ``sdpa`` (torch SDPA, GQA), ``fmc`` (``impl="auto"``: Triton on CUDA, CPU path on CPU),
-    ``fmc-cpu`` and ``fmc-triton``. Default: ``sdpa`` and ``fmc``. Also reports the largest absolute difference
-    from SDPA for each fmc row.
+    ``fmc-exact`` (the CPU path told every row is filled to the same host-known length, as a chat's batch of one
+    is), ``fmc-cpu``, ``fmc-triton``, and ``fmc-fused`` (``decode_attention_fused`` under ``torch.compile`` with
+    a symbolic length, over the filled rows; B = 1; the time includes Dynamo's per-call overhead, which the
+    compiled decode step does not pay). Default: ``sdpa`` and ``fmc``. ``extra``: more rows, name -> ``fn(q,
+    k_exact, v_exact)`` returning ``[B, H_q, 1, D]``. Also reports the largest absolute difference from SDPA.
     """
     device = torch.device(device)
     impls = impls or ("sdpa", "fmc")
@@ -67,9 +82,16 @@ def decode_attention_bench(
         v_exact = v_buf[:, :, :L].contiguous()
         lens = torch.full((batch,), L, dtype=torch.int32, device=device)
         ref = F.scaled_dot_product_attention(q, k_exact, v_exact, enable_gqa=True)
-        for name in impls:
+        for name in list(impls) + list(extra or {}):
             if name == "sdpa":
                 fn = lambda: F.scaled_dot_product_attention(q, k_exact, v_exact, enable_gqa=True)  # noqa: E731
+            elif extra and name in extra:
+                fn = lambda f=extra[name]: f(q, k_exact, v_exact)  # noqa: E731
+            elif name == "fmc-fused":
+                fused = _fused()
+                fn = lambda L=L: fused(q, k_buf[0, :, :L], v_buf[0, :, :L], head_dim**-0.5).transpose(1, 2)  # noqa: E731
+            elif name == "fmc-exact":
+                fn = lambda L=L: fmc_attention(q, k_buf, v_buf, lens, kv_len=L, impl="cpu", exact=True)  # noqa: E731
             else:
                 impl = {"fmc": "auto", "fmc-cpu": "cpu", "fmc-triton": "triton"}[name]
                 fn = lambda impl=impl: fmc_attention(q, k_buf, v_buf, lens, kv_len=L, impl=impl)  # noqa: E731
