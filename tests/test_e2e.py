@@ -55,3 +55,38 @@ def test_cache_on_equals_off_in_float32_over_the_shared_conversation(first_run):
     result = json.loads(r.stdout.splitlines()[-1])
     assert result["identical"], result["first_divergence"]
     assert result["turns"][-1]["reused_on"] > result["turns"][-1]["prefilled_on"]
+
+
+def test_fmc_kernel_answers_paris(first_run):
+    r = fmchat("run", "What is the capital of France?", "--temperature", "0", "--kernel", "fmc", "--no-save")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_fmc_equals_sdpa_over_the_shared_conversation_float32(first_run):
+    """The shared 20-turn conversation, greedy, float32, on the default model: the same replies with fmc (its own
+    preallocated cache, reused across turns) as with sdpa (transformers' DynamicCache)."""
+    replies = {}
+    for kernel in ("sdpa", "fmc"):
+        r = fmchat("run", "--script", SHARED_SCRIPT, "--kernel", kernel, "--dtype", "float32", "--temperature", "0",
+                   "--max-new-tokens", "32", "--json", "--no-save")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        replies[kernel] = [row["reply"] for row in rows]
+    assert len(replies["sdpa"]) == 20
+    assert replies["fmc"] == replies["sdpa"]
+
+
+def test_compiled_step_equals_eager_over_the_shared_conversation_float32(first_run):
+    """The shared 20-turn conversation, greedy, float32, on the default model: `--compile on` (the compiled
+    one-token step over the fmc cache) gives the same replies as the default eager path."""
+    replies = {}
+    for flag in ("off", "on"):
+        r = fmchat("run", "--script", SHARED_SCRIPT, "--compile", flag, "--dtype", "float32", "--temperature", "0",
+                   "--max-new-tokens", "32", "--json", "--no-save")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        assert all(row["decode_path"].startswith("compiled" if flag == "on" else "eager") for row in rows), rows[0]["decode_path"]
+        replies[flag] = [row["reply"] for row in rows]
+    assert len(replies["off"]) == 20
+    assert replies["on"] == replies["off"]

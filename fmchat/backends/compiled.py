@@ -30,6 +30,7 @@ import types
 import torch
 
 from kernels.attention import decode_attention_fused
+from kernels.quant import float_gemv
 
 # Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
 # ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
@@ -52,6 +53,27 @@ def step_attention(module, query, key, value, step, scaling, sliding_window):
     if sliding_window:  # keys j with j > position - window, position = n - 1
         lo = torch.sym_max(0, n - int(sliding_window))
     return decode_attention_fused(query, kc[0, :, lo:n], vc[0, :, lo:n], scale), None
+
+
+class DecodeLinear(torch.nn.Linear):
+    """``nn.Linear`` whose one-row calls inside the compiled step are ``kernels.quant.float_gemv`` (bf16/fp16
+    weights); everything else (eager prefill, fp32 weights, several rows) is ``nn.Linear``'s own forward. Swapped
+    in by class (weights, hooks and state dict untouched)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
+            return float_gemv(x.reshape(1, -1), self.weight, self.bias).reshape(x.shape[:-1] + (self.out_features,))
+        return super().forward(x)
+
+
+def use_decode_linears(model: torch.nn.Module) -> int:
+    """Make every plain ``nn.Linear`` of ``model`` a ``DecodeLinear``. Returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = DecodeLinear
+            n += 1
+    return n
 
 
 def _step(model, ids, pos, k, v, lens, n):
@@ -99,6 +121,7 @@ class CompiledStep:
             kw["options"] = {"freezing": True}  # weights as constants: prepacked (oneDNN) linear layers on CPU
         # dynamic=True so that the int ``n`` (the fill after this token) is symbolic from the first trace: one graph
         # for every position >= 1. Tensor inputs are marked static above.
+        use_decode_linears(model)
         self.step = _own_step_function()
         self.fn = torch.compile(self.step, backend=backend, fullgraph=True, dynamic=True, **kw)
 
