@@ -63,30 +63,29 @@ def test_fmc_kernel_answers_paris(first_run):
     assert "Paris" in r.stdout
 
 
+def shared_conversation_float32(*flags) -> list[dict]:
+    """`fmchat run` over the shared 20-turn conversation, greedy, float32, 32 new tokens per reply: one JSON row per turn."""
+    r = fmchat("run", "--script", SHARED_SCRIPT, *flags, "--dtype", "float32", "--temperature", "0",
+               "--max-new-tokens", "32", "--json", "--no-save")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 20
+    return rows
+
+
 def test_fmc_equals_sdpa_over_the_shared_conversation_float32(first_run):
-    """The shared 20-turn conversation, greedy, float32, on the default model: the same replies with fmc (its own
-    preallocated cache, reused across turns) as with sdpa (transformers' DynamicCache)."""
-    replies = {}
-    for kernel in ("sdpa", "fmc"):
-        r = fmchat("run", "--script", SHARED_SCRIPT, "--kernel", kernel, "--dtype", "float32", "--temperature", "0",
-                   "--max-new-tokens", "32", "--json", "--no-save")  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-        replies[kernel] = [row["reply"] for row in rows]
-    assert len(replies["sdpa"]) == 20
-    assert replies["fmc"] == replies["sdpa"]
+    """On the default model: the same replies with fmc (its own preallocated cache, reused across turns) as with
+    sdpa (transformers' DynamicCache)."""
+    sdpa = shared_conversation_float32("--kernel", "sdpa")
+    fmc = shared_conversation_float32("--kernel", "fmc")
+    assert [row["reply"] for row in fmc] == [row["reply"] for row in sdpa]
 
 
 def test_compiled_step_equals_eager_over_the_shared_conversation_float32(first_run):
-    """The shared 20-turn conversation, greedy, float32, on the default model: `--compile on` (the compiled
-    one-token step over the fmc cache) gives the same replies as the default eager path."""
-    replies = {}
-    for flag in ("off", "on"):
-        r = fmchat("run", "--script", SHARED_SCRIPT, "--compile", flag, "--dtype", "float32", "--temperature", "0",
-                   "--max-new-tokens", "32", "--json", "--no-save")  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-        assert all(row["decode_path"].startswith("compiled" if flag == "on" else "eager") for row in rows), rows[0]["decode_path"]
-        replies[flag] = [row["reply"] for row in rows]
-    assert len(replies["off"]) == 20
-    assert replies["on"] == replies["off"]
+    """On the default model: `--compile on` (the compiled one-token step over the fmc cache) gives the same replies
+    as the default eager path."""
+    eager = shared_conversation_float32("--compile", "off")
+    compiled = shared_conversation_float32("--compile", "on")
+    assert all(row["decode_path"] == "eager" for row in eager)
+    assert all(row["decode_path"].startswith("compiled (inductor") for row in compiled), compiled[0]["decode_path"]
+    assert [row["reply"] for row in compiled] == [row["reply"] for row in eager]
