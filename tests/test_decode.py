@@ -129,3 +129,34 @@ def test_threads_default_is_physical_cores():
         assert torch.get_num_threads() == default_threads() >= 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_compiled_bf16_and_int8_steps_track_eager(tiny_model, quant):
+    """bf16 weights (the DecodeLinear GEMVs) and int8 weights (int8_gemv) inside the compiled step: logits close to
+    the eager step's on the same backend load, over several positions, and the same greedy token."""
+    from fmchat.backends.compiled import DecodeLinear
+
+    opts = backends.LoadOptions(device="cpu", dtype="bfloat16", ctx=256, compile="on", quant=quant)
+    b = backends.load(str(tiny_model), options=opts)
+    assert b._step is not None, b.compile_status
+    if quant == "none":
+        assert any(isinstance(m, DecodeLinear) for m in b.model.modules())
+    ids = list(range(100, 140))
+    step, token = b._step, 7
+    for _ in range(4):
+        b.truncate(0)
+        b._step = None  # eager: the same model, the same fmc cache
+        b.forward(ids)
+        eager = b.forward([token])
+        b.truncate(0)
+        b._step = step
+        b.forward(ids)
+        compiled = b.forward([token])
+        scale, diff = eager.abs().max(), (compiled - eager).abs().max()
+        assert diff <= 0.05 * scale, (diff, scale)
+        top2 = eager.topk(2).values
+        if top2[0] - top2[1] > 2 * diff:  # not a near-tie at bf16 precision: the greedy token must agree
+            assert int(compiled.argmax()) == int(eager.argmax())
+        ids.append(token)
+        token = int(eager.argmax())

@@ -211,3 +211,25 @@ def test_switching_by_reload_keeps_the_conversation(tiny_model):
     done = s.run_turn("And again?")
     assert s.backend.quant == "int8" and len(s.messages) == 4
     assert done.stats.weights_bytes == b.weights_bytes()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_one_row_gemvs_match_the_dequantized_matmul(compiled):
+    """kernels.quant.float_gemv (bf16 weights + bias) and int8_gemv (int8 codes x per-row scales), as the compiled
+    decode step traces them, against an fp64 matmul of the same weights; layer-shaped (1536x576, 576x1536)."""
+    g = torch.Generator().manual_seed(0)
+    fg = torch.compile(kq.float_gemv, dynamic=False) if compiled else kq.float_gemv
+    ig = torch.compile(kq.int8_gemv, dynamic=False) if compiled else kq.int8_gemv
+    for n, k in ((1536, 576), (576, 1536)):
+        x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+        w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+        b = torch.randn(n, generator=g).to(torch.bfloat16)
+        want = x.double() @ w.double().t() + b.double()
+        got = fg(x, w, b)
+        assert got.shape == (1, n) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+        lin = kq.Int8Linear.from_weight(w.float(), compute_dtype=torch.bfloat16)
+        want8 = x.double() @ lin.dequantize().double().t()
+        got8 = ig(x, lin.weight_int8, lin.scales)
+        assert got8.shape == (1, n) and got8.dtype == torch.bfloat16
+        torch.testing.assert_close(got8.double(), want8, atol=2e-2, rtol=2e-2)
