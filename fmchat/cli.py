@@ -129,6 +129,22 @@ def stats_line(stats) -> str:
     )
 
 
+def csv_items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def positive_ints(option: str, text: str) -> list[int]:
+    """A comma-separated option of positive integers, or a one-line UserError naming the option."""
+    try:
+        values = [int(x) for x in csv_items(text)]
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option}: comma-separated positive integers")
+    return values
+
+
 def read_script(path: Path) -> list[str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -585,7 +601,7 @@ def bench_quant_cmd(
     try:
         path = script or default_script()
         user_turns = read_script(path)[: turns or None]
-        chosen = [x.strip() for x in schemes.split(",") if x.strip()]
+        chosen = csv_items(schemes)
         bad = [x for x in chosen if x not in ROWS]
         if bad:
             raise UserError(f"--schemes: unknown {', '.join(bad)} (use {', '.join(ROWS)})")
@@ -613,7 +629,7 @@ def bench_memory_cmd(
     from fmchat.memory import POLICIES
 
     try:
-        chosen = [p.strip() for p in policies.split(",") if p.strip()]
+        chosen = csv_items(policies)
         bad = [p for p in chosen if p not in POLICIES]
         if bad or not chosen:
             raise UserError(f"unknown memory policy '{(bad or [''])[0]}' (use {', '.join(POLICIES)})")
@@ -793,18 +809,15 @@ def bench_decode_cmd(
     from fmchat.bench.decode import CONFIGS, bench_decode
 
     try:
-        ctxs = [int(c) for c in contexts.split(",") if c.strip()]
-        chosen = [c.strip() for c in configs.split(",") if c.strip()]
+        ctxs = positive_ints("--contexts", contexts)
+        chosen = csv_items(configs)
         bad = [c for c in chosen if c not in CONFIGS]
-        if bad or not ctxs or min(ctxs) < 1:
-            raise UserError(f"--configs: unknown {', '.join(bad)} (use {', '.join(CONFIGS)})" if bad else "--contexts: positive integers")
+        if bad:
+            raise UserError(f"--configs: unknown {', '.join(bad)} (use {', '.join(CONFIGS)})")
         bench_decode(model, contexts=ctxs, configs=chosen, new_tokens=new_tokens, ttft_tokens=ttft_tokens, rounds=rounds,
                      dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
-    except ValueError as exc:
-        raise fail(f"--contexts: {exc}" if "invalid literal" in str(exc) else str(exc)) from None
-    except (models.ModelNotFound, backends.UnknownBackend) as exc:
+    except (UserError, ValueError, models.ModelNotFound, backends.UnknownBackend) as exc:
         raise fail(str(exc)) from None
-
 
 
 @bench_app.command("kernels")
@@ -826,17 +839,13 @@ def bench_kernels_cmd(
     from fmchat.bench.kernels import bench_kernels
 
     try:
-        ctxs = [int(c) for c in contexts.split(",") if c.strip()]
-        e2e = [int(c) for c in e2e_contexts.split(",") if c.strip()]
-        if not ctxs or not e2e or min(ctxs + e2e) < 1:
-            raise UserError("--contexts / --e2e-contexts: comma-separated positive integers")
-        chosen = [c.strip() for c in configs.split(",") if c.strip()]
-        bench_kernels(model, contexts=ctxs, e2e_contexts=e2e, configs=chosen, new_tokens=new_tokens, rounds=rounds,
-                      iters=iters, dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
-    except ValueError as exc:
-        raise fail(f"--contexts: {exc}" if "invalid literal" in str(exc) else str(exc)) from None
-    except (models.ModelNotFound, backends.UnknownBackend) as exc:
+        ctxs = positive_ints("--contexts", contexts)
+        e2e = positive_ints("--e2e-contexts", e2e_contexts)
+        bench_kernels(model, contexts=ctxs, e2e_contexts=e2e, configs=csv_items(configs), new_tokens=new_tokens,
+                      rounds=rounds, iters=iters, dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
+    except (UserError, ValueError, models.ModelNotFound, backends.UnknownBackend) as exc:
         raise fail(str(exc)) from None
+
 
 def main() -> None:
     try:

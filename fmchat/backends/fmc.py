@@ -85,15 +85,22 @@ class FmcLayer(CacheLayerMixin):
         self.crop_to(0)
 
 
+def attention_shape(config) -> dict:
+    """Query heads, kv heads, head dim and layer count of a transformers config (its text part)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hq = cfg.num_attention_heads
+    return {"q_heads": hq, "kv_heads": getattr(cfg, "num_key_value_heads", None) or hq,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // hq, "layers": cfg.num_hidden_layers}  # fmt: skip
+
+
 class FmcCache(Cache):
     """Preallocated KV cache for ``--kernel fmc``: one ``FmcLayer`` per decoder layer."""
 
     def __init__(self, config, max_cache_len: int, batch_size: int = 1, dtype=torch.float32, device="cpu"):
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = attention_shape(config)
         layers = [
-            FmcLayer(max_cache_len, batch_size, (heads, head_dim), dtype, device) for _ in range(cfg.num_hidden_layers)
+            FmcLayer(max_cache_len, batch_size, (shape["kv_heads"], shape["head_dim"]), dtype, device)
+            for _ in range(shape["layers"])
         ]
         super().__init__(layers=layers)
         self.max_cache_len = max_cache_len

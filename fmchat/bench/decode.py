@@ -131,6 +131,7 @@ def bench_decode(
     """Run the table; ``configs`` picks rows (``llama.cpp`` needs a GGUF model, skipped when ``llamacpp_model`` is None).
     ``extra_configs``: more transformers rows, label -> LoadOptions fields. ``quiet``: return without printing."""
     from fmchat import backends
+    from fmchat.backends.fmc import attention_shape
     from fmchat.engine.session import set_threads
 
     set_threads(threads)
@@ -216,7 +217,7 @@ def bench_decode(
         "read_gb_s": round(gbs, 1),
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()),
-        "attention_shape": _attention_shape(first_tf.model.config),
+        "attention_shape": attention_shape(first_tf.model.config),
     }
     if quiet:
         return result
@@ -225,13 +226,6 @@ def bench_decode(
     else:
         print_table(result)
     return result
-
-
-def _attention_shape(config) -> dict:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hq = cfg.num_attention_heads
-    return {"q_heads": hq, "kv_heads": getattr(cfg, "num_key_value_heads", None) or hq,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // hq, "layers": cfg.num_hidden_layers}  # fmt: skip
 
 
 def print_table(result: dict) -> None:

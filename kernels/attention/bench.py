@@ -8,6 +8,7 @@ the largest length, with the fill passed as ``seq_lens``.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -35,14 +36,10 @@ def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) * 1000 / iters
 
 
-_FUSED = None
-
-
+@functools.cache
 def _fused():
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(decode_attention_fused, dynamic=True)
-    return _FUSED
+    """``decode_attention_fused`` compiled once per process, with a symbolic length."""
+    return torch.compile(decode_attention_fused, dynamic=True)
 
 
 def decode_attention_bench(
