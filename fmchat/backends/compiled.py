@@ -84,6 +84,20 @@ def _step(model, ids, pos, k, v, lens, n):
 
 _STEPS = itertools.count(1)
 
+INDUCTOR_OPTIONS = {
+    # Weights as constants (prepacked oneDNN linear layers for float32 on CPU).
+    "freezing": True,
+    # Inductor inlines a pointwise producer into each reduction that reads it unless its loop body is "large"
+    # (more than 50 ops on CPU by default). A one-row GEMV is a reduction per output row, so the RMSNorm before
+    # q/k/v, gate/up and the output head (rsqrt, weight, residual) was recomputed for every output row: 49152
+    # times for the head. At 10 ops the normalised row is computed once into a buffer. Measured on the 2-core
+    # CPU (docs/decode.md): 15.0 -> 11.8 ms per token for compiled+int8 at 1k context; 20 was as slow as 50,
+    # 5 was slower than 10.
+    "realize_opcount_threshold": 10,
+    # No per-call shape/stride asserts on the ~670 inputs (the inputs are the same tensors on every call).
+    "size_asserts": False,
+}
+
 
 def _own_step_function():
     """A copy of ``_step`` with a code object of its own. Dynamo keeps compiled entries per code object, so each
@@ -118,7 +132,7 @@ class CompiledStep:
         self.direct = None  # set after warm-up: see _direct_entry
         kw: dict = {}
         if backend == "inductor":
-            kw["options"] = {"freezing": True}  # weights as constants: prepacked (oneDNN) linear layers on CPU
+            kw["options"] = dict(INDUCTOR_OPTIONS)
         # dynamic=True so that the int ``n`` (the fill after this token) is symbolic from the first trace: one graph
         # for every position >= 1. Tensor inputs are marked static above.
         use_decode_linears(model)
@@ -146,8 +160,10 @@ class CompiledStep:
         try:
             self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
                        cache_position=torch.zeros(1, dtype=torch.long), position_ids=self.pos)  # fmt: skip
-            for p in range(1, 4):
-                self(0, p)
+            # Python floats (the attention scale, the norms' eps) as constants, not as 0-d tensor inputs.
+            with torch._dynamo.config.patch(specialize_float=True):
+                for p in range(1, 4):
+                    self(0, p)
             self.direct = self._direct_entry()
             if self.direct is not None:  # check it: the same step through both entries gives the same logits
                 self.cache.crop_to(3)
