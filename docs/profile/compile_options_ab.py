@@ -1,0 +1,108 @@
+"""A/B of compiled-step variants in one process (docs/decode.md, "What changed").
+
+Loads the default model once per variant with ``--compile on`` under different inductor / Dynamo settings,
+then times greedy decode after prefilling C tokens, every variant in turn within a round (the VM's speed
+moves, so only variants timed side by side are compared). Prints best and median ms per token.
+
+    python docs/profile/compile_options_ab.py VARIANTS_JSON [CONTEXTS] [ROUNDS]
+
+VARIANTS_JSON is a list of objects: ``name``; ``quant`` (none/int8/int4); ``icfg``: inductor config overrides
+applied while compiling (e.g. ``{"realize_opcount_threshold": 50}``, inductor's CPU default)
+(they override fmchat's own ``INDUCTOR_OPTIONS`` for that variant); ``dcfg``: Dynamo config overrides;
+``nomat``: trace without the ``kernels_attention::materialize`` op; ``int8param``: int8 weights as frozen
+parameters instead of buffers; ``llama``: the llama.cpp backend instead. Example (the realize threshold):
+
+    python docs/profile/compile_options_ab.py '[{"name": "default-50", "quant": "int8",
+        "icfg": {"realize_opcount_threshold": 50}}, {"name": "fmchat", "quant": "int8"},
+        {"name": "llama.cpp", "llama": 1}]' 128,1024 3
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
+
+import kernels.attention.fused as fused
+import kernels.quant as quant
+from fmchat import backends
+from fmchat.backends import compiled
+from fmchat.bench.decode import _prefill, prompt_ids
+from fmchat.engine.session import set_threads
+
+
+def int8_as_parameters(on: bool) -> None:
+    if on and not hasattr(quant.Int8Linear, "_buffer_from_weight"):
+        quant.Int8Linear._buffer_from_weight = quant.Int8Linear.from_weight.__func__
+
+        def from_weight(cls, *a, **k):
+            m = quant.Int8Linear._buffer_from_weight(cls, *a, **k)
+            for name in ("weight_int8", "scales"):
+                setattr(m, name, torch.nn.Parameter(m._buffers.pop(name), requires_grad=False))
+            return m
+
+        quant.Int8Linear.from_weight = classmethod(from_weight)
+    elif not on and hasattr(quant.Int8Linear, "_buffer_from_weight"):
+        quant.Int8Linear.from_weight = classmethod(quant.Int8Linear._buffer_from_weight)
+        del quant.Int8Linear._buffer_from_weight
+
+
+def main() -> None:
+    variants = json.loads(sys.argv[1])
+    contexts = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,1024").split(",")]
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    set_threads(None)
+    ctx = max(contexts) + 200
+    materialize = fused.materialize
+    loaded = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        if v.get("llama"):
+            opts = backends.LoadOptions(device="cpu", ctx=ctx, threads=torch.get_num_threads())
+            loaded[v["name"]] = backends.load(None, "llamacpp", opts)
+            continue
+        fused.materialize = (lambda x: x.float()) if v.get("nomat") else materialize
+        int8_as_parameters(bool(v.get("int8param")))
+        opts = backends.LoadOptions(device="cpu", dtype="bfloat16", ctx=ctx, quant=v.get("quant", "none"), compile="on")
+        saved = dict(compiled.INDUCTOR_OPTIONS)  # the options fmchat passes to torch.compile win over globals
+        compiled.INDUCTOR_OPTIONS.update(v.get("icfg", {}))
+        try:
+            with inductor_config.patch(v.get("icfg", {})), dynamo_config.patch(v.get("dcfg", {})):
+                b = loaded[v["name"]] = backends.load(None, "transformers", opts)
+        finally:
+            compiled.INDUCTOR_OPTIONS.clear()
+            compiled.INDUCTOR_OPTIONS.update(saved)
+        print(f"{v['name']}: loaded in {time.perf_counter() - t0:.1f} s ({b.compile_status})", flush=True)
+    fused.materialize = materialize
+    int8_as_parameters(False)
+    tokenizer = next(b for b in loaded.values() if b.name != "llamacpp").tokenizer
+    ids = prompt_ids(tokenizer, max(contexts))
+
+    @torch.inference_mode()
+    def ms_per_token(b, c, n=24):
+        b.truncate(0)
+        logits = _prefill(b, ids[:c])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = b.forward([int(torch.argmax(torch.as_tensor(logits)))])
+        return (time.perf_counter() - t0) / n * 1000
+
+    for b in loaded.values():
+        ms_per_token(b, min(contexts), 4)
+    times = {(name, c): [] for name in loaded for c in contexts}
+    for _ in range(rounds):
+        for c in contexts:
+            for name, b in loaded.items():
+                times[(name, c)].append(ms_per_token(b, c))
+    for c in contexts:
+        for name in loaded:
+            xs = times[(name, c)]
+            print(f"ctx {c:5d}  {name:24s} best {min(xs):6.2f} ms  median {statistics.median(xs):6.2f} ms"
+                  f"  ({1000 / min(xs):6.1f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()
