@@ -564,9 +564,13 @@ def bench_backends_cmd(
     base_url: BaseUrlOpt = None,
     api_model: ApiModelOpt = None,
     threads: ThreadsOpt = None,
+    quant: QuantOpt = "none",
+    compile_: CompileOpt = "off",
     json_out: JsonOpt = False,
 ) -> None:
-    """The shared conversation on transformers and llama.cpp (and a server with --base-url), one after another."""
+    """The shared conversation on transformers and llama.cpp (and a server with --base-url), one after another.
+
+    --quant and --compile apply to the transformers row (e.g. --compile on --quant int8: the fast decode path)."""
     from fmchat.bench import default_script
     from fmchat.bench.backends import bench_backends
 
@@ -574,7 +578,7 @@ def bench_backends_cmd(
         user_turns = read_script(script or default_script())[: turns or None]
         common = dict(max_new_tokens=max_new_tokens, temperature=0.0, seed=0, threads=threads)
         sessions = {
-            "transformers": load_session(model, backend="transformers", **common),
+            "transformers": load_session(model, backend="transformers", quant=quant, compile=compile_, **common),
             "llamacpp": load_session(model, backend="llamacpp", **common),
         }
         if base_url:

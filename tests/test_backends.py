@@ -250,12 +250,17 @@ def test_server_errors_are_clear_and_the_session_can_retry(answer, message):
 
 
 def test_bench_backends_runs_both_local_backends(tmp_path):
+    """Both local backends over a scripted conversation; the transformers row on the fast path (compiled + int8)."""
     script = tmp_path / "conv.json"
     script.write_text(json.dumps({"turns": ["Hello!", "What is 12 times 7?"]}))
-    r = runner.invoke(app, ["bench", "backends", "--script", str(script), "--max-new-tokens", "8", "--json"])
+    args = ["bench", "backends", "--script", str(script), "--max-new-tokens", "8", "--compile", "on", "--quant", "int8", "--json"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout.splitlines()[-1])
     assert set(result["backends"]) == {"transformers", "llamacpp"}
+    tf = result["backends"]["transformers"]
+    assert tf["quant"] == "int8" and tf["decode_path"].startswith("compiled (inductor"), tf["decode_path"]
+    assert result["backends"]["llamacpp"]["quant"] == "gguf"
     for v in result["backends"].values():
         assert len(v["turns"]) == 2 and v["ttft_ms_median"] > 0
     assert result["backends"]["llamacpp"]["turns"][1]["prefilled_tokens"] < result["backends"]["llamacpp"]["turns"][1]["prompt_tokens"]

@@ -33,6 +33,7 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
         rates = [r["decode_tok_s"] for r in rows if r["decode_tok_s"]]
         per_backend[label] = {
             "backend": b.name, "model": b.model_name, "device": b.device, "dtype": b.dtype,
+            "quant": getattr(b, "quant", None), "decode_path": getattr(b, "decode_path", b.name),
             "turns": rows,
             "ttft_ms_median": round(statistics.median(ttfts), 1),
             "ttft_ms_last": ttfts[-1],
@@ -55,10 +56,11 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
         t.add_row(str(i + 1), *cells)
     c.print(t)
     s = Table(title="summary")
-    for col in ("backend", "model", "device", "dtype", "TTFT median (ms)", "TTFT last turn (ms)", "decode median (tok/s)"):
+    for col in ("backend", "model", "device", "dtype", "quant", "path", "TTFT median (ms)", "TTFT last turn (ms)", "decode median (tok/s)"):
         s.add_column(col)
     for label, v in per_backend.items():
-        s.add_row(label, v["model"], v["device"], v["dtype"], f"{v['ttft_ms_median']:.0f}", f"{v['ttft_ms_last']:.0f}",
+        s.add_row(label, v["model"], v["device"], v["dtype"], v["quant"] or "n/a", v["decode_path"],
+                  f"{v['ttft_ms_median']:.0f}", f"{v['ttft_ms_last']:.0f}",
                   f"{v['decode_tok_s_median']}" if v["decode_tok_s_median"] else "n/a")  # fmt: skip
     c.print(s)
     return result
