@@ -30,7 +30,7 @@ import kernels.attention.fused as fused
 import kernels.quant as quant
 from fmchat import backends
 from fmchat.backends import compiled
-from fmchat.bench.decode import _prefill, prompt_ids
+from fmchat.bench.decode import decode_rate, prompt_ids
 from fmchat.engine.session import set_threads
 
 
@@ -81,22 +81,13 @@ def main() -> None:
     tokenizer = next(b for b in loaded.values() if b.name != "llamacpp").tokenizer
     ids = prompt_ids(tokenizer, max(contexts))
 
-    @torch.inference_mode()
-    def ms_per_token(b, c, n=24):
-        b.truncate(0)
-        logits = _prefill(b, ids[:c])
-        t0 = time.perf_counter()
-        for _ in range(n):
-            logits = b.forward([int(torch.argmax(torch.as_tensor(logits)))])
-        return (time.perf_counter() - t0) / n * 1000
-
-    for b in loaded.values():
-        ms_per_token(b, min(contexts), 4)
+    for b in loaded.values():  # warm-up
+        decode_rate(b, ids[: min(contexts)], 4)
     times = {(name, c): [] for name in loaded for c in contexts}
     for _ in range(rounds):
         for c in contexts:
-            for name, b in loaded.items():
-                times[(name, c)].append(ms_per_token(b, c))
+            for name, b in loaded.items():  # bench decode's own timing: prefill c tokens, 24 greedy steps
+                times[(name, c)].append(1000 / decode_rate(b, ids[:c], 24))
     for c in contexts:
         for name in loaded:
             xs = times[(name, c)]

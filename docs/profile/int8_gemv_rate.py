@@ -13,6 +13,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
+from fmchat.bench.decode import read_rate_gb_s
 from kernels.quant import int8_gemv
 
 
@@ -47,13 +48,7 @@ def main() -> None:
                 f(xs, ws, ss)
                 best = min(best, time.perf_counter() - t0)
         print(f"{name:8s} {best * 1000:6.2f} ms  {nbytes / best / 1e9:5.1f} GB/s of int8 weights", flush=True)
-    x = torch.ones(512 * 1024 * 1024 // 4)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    print(f"read rate (sum over 512 MiB): {x.numel() * 4 / best / 1e9:.1f} GB/s")
+    print(f"read rate (bench decode's: sum over 512 MiB): {read_rate_gb_s():.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -66,14 +66,11 @@ class DecodeLinear(torch.nn.Linear):
         return super().forward(x)
 
 
-def use_decode_linears(model: torch.nn.Module) -> int:
-    """Make every plain ``nn.Linear`` of ``model`` a ``DecodeLinear``. Returns how many."""
-    n = 0
+def use_decode_linears(model: torch.nn.Module) -> None:
+    """Make every plain ``nn.Linear`` of ``model`` a ``DecodeLinear``."""
     for m in model.modules():
         if type(m) is torch.nn.Linear:
             m.__class__ = DecodeLinear
-            n += 1
-    return n
 
 
 def _step(model, ids, pos, k, v, lens, n):

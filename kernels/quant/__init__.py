@@ -124,7 +124,7 @@ def _(x, w, group_size, sz, n):
     return x.new_empty(x.shape[0], n)
 
 
-# ---------------------------------------------------------------------------------------------- int8
+# ---------------------------------------------------------------------- one-row GEMVs (compiled decode step)
 def float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` ``[1, K]`` times a bf16/fp16 ``w`` ``[N, K]`` (+ ``bias``), for tracing under ``torch.compile``: one
     fused loop that reads each weight once and accumulates in fp32. On the 2-core CPU of docs/decode.md it streams
@@ -142,9 +142,10 @@ def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.T
     once, converts it in registers and accumulates in fp32 (no dequantized copy). For one row this streams the
     weights from memory ~1.9x faster than ``_weight_int8pack_mm`` on the 2-core CPU of docs/decode.md.
     """
-    return ((x.float() * w.float()).sum(-1) * scales.float()).to(x.dtype).unsqueeze(0).reshape(1, -1)
+    return ((x.float() * w.float()).sum(-1) * scales.float()).to(x.dtype).reshape(1, -1)
 
 
+# ---------------------------------------------------------------------------------------------- int8
 class Int8Linear(QuantizedLinear):
     scheme = "int8"
 
