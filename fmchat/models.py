@@ -13,12 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmchat.errors import ModelNotFound
+
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class ModelNotFound(Exception):
-    """The model could not be found or fetched. The message says what, where, and how to get it."""
-
 
 @dataclass(frozen=True)
 class Alias:

@@ -80,9 +80,10 @@ def tiny_models(tmp_path_factory, smol_tokenizer) -> dict[str, Path]:
 
 
 def make_session(model_dir, *, kv_cache=True, max_new_tokens=12, temperature=0.0, dtype="float32", ctx=None, system=None, seed=0):
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
     from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
-    backend = backends.load(str(model_dir), options=backends.LoadOptions(device="cpu", dtype=dtype, ctx=ctx))
+    backend = load_backend(RunConfig(model=str(model_dir), device="cpu", dtype=dtype, ctx=ctx))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen))

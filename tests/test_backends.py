@@ -17,9 +17,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from fmchat import backends
-from fmchat.backends.openai_backend import BackendError
+from fmchat.backends.openai import BackendError
 from fmchat.cli import app
+from fmchat.config import RunConfig
+from fmchat.conversation import load_backend
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig, TextDelta
 
 runner = CliRunner()
@@ -83,10 +84,10 @@ def test_llamacpp_reuses_the_kv_prefix_and_reports_its_costs(default_gguf):
 
 
 def test_llamacpp_cancel_and_switch_from_transformers_keep_the_conversation(default_gguf):
-    tf = backends.load(None, "transformers", backends.LoadOptions(dtype="float32"))
+    tf = load_backend(RunConfig(backend="transformers", dtype="float32"))
     s = ChatSession(tf, SessionConfig(gen=GenerationConfig(max_new_tokens=16, temperature=0)))
     s.run_turn("What is the capital of France?")
-    lc = backends.load(None, "llamacpp", backends.LoadOptions(ctx=1024))
+    lc = load_backend(RunConfig(backend="llamacpp", ctx=1024))
     s.replace_backend(lc)
     d = s.run_turn("And of Italy?")
     assert d.stats.reused_tokens == 0 and d.stats.prompt_tokens > 40  # history re-prefilled on llama.cpp
@@ -139,11 +140,11 @@ def test_server_killed_mid_stream_leaves_the_session_intact(default_gguf):
     port = free_port()
     proc = start_llama_server(default_gguf, port)
     try:
-        b = backends.load(None, "openai", backends.LoadOptions(base_url=f"http://127.0.0.1:{port}/v1"))
+        b = load_backend(RunConfig(backend="openai", base_url=f"http://127.0.0.1:{port}/v1"))
         s = ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=12, temperature=0)))
         s.run_turn("Hello!")
         before = [(m.role, m.content) for m in s.messages]
-        s.set_generation(GenerationConfig(max_new_tokens=500, temperature=0))
+        s.configure(gen=GenerationConfig(max_new_tokens=500, temperature=0))
         with pytest.raises(BackendError, match="closed the connection|ended the stream|cannot connect"):
             for ev in s.turn("Tell me a very long story."):
                 if isinstance(ev, TextDelta):
@@ -205,7 +206,7 @@ def sse(*texts, usage=None, done=True) -> bytes:
 
 
 def toy_session(url, **kw):
-    b = backends.load(None, "openai", backends.LoadOptions(base_url=url))
+    b = load_backend(RunConfig(backend="openai", base_url=url))
     b.backoff = 0.01
     return ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=8, temperature=0), **kw))
 
@@ -271,7 +272,7 @@ def test_llamacpp_greedy_reply_is_what_llama_cpp_itself_answers(default_gguf):
     import llama_cpp
 
     question = "What is the capital of France?"
-    b = backends.load(None, "llamacpp", backends.LoadOptions(ctx=512, threads=1))
+    b = load_backend(RunConfig(backend="llamacpp", ctx=512, threads=1))
     s = ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=24, temperature=0)))
     ours = s.run_turn(question).reply
     b.close()

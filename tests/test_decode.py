@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tiny_model
 
-from fmchat import backends
+from fmchat.config import RunConfig
+from fmchat.conversation import load_backend
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
 TURNS = ["Hello there.", "Tell me about the sea.", "And the mountains?", "Thanks, one more word."]
 
 
 def _session(model_dir, **load) -> ChatSession:
-    opts = backends.LoadOptions(device="cpu", dtype="float32", ctx=512, **load)
-    backend = backends.load(str(model_dir), options=opts)
+    opts = dict(device="cpu", dtype="float32", ctx=512, **load)
+    backend = load_backend(RunConfig(model=str(model_dir), **opts))
     return ChatSession(backend, SessionConfig(gen=GenerationConfig(max_new_tokens=16, temperature=0.0, seed=0)))
 
 
@@ -135,10 +135,10 @@ def test_threads_default_is_physical_cores():
 def test_compiled_bf16_and_int8_steps_track_eager(tiny_model, quant):
     """bf16 weights (the DecodeLinear GEMVs) and int8 weights (int8_gemv) inside the compiled step: logits close to
     the eager step's on the same backend load, over several positions, and the same greedy token."""
-    from fmchat.backends.compiled import DecodeLinear
+    from fmchat.backends.transformers.compiled import DecodeLinear
 
-    opts = backends.LoadOptions(device="cpu", dtype="bfloat16", ctx=256, compile="on", quant=quant)
-    b = backends.load(str(tiny_model), options=opts)
+    opts = dict(device="cpu", dtype="bfloat16", ctx=256, compile="on", quant=quant)
+    b = load_backend(RunConfig(model=str(tiny_model), **opts))
     assert b._step is not None, b.compile_status
     if quant == "none":
         assert any(isinstance(m, DecodeLinear) for m in b.model.modules())

@@ -161,14 +161,15 @@ def test_stats_fields_are_measured(tiny_model):
 
 
 def test_reset_retry_and_switching_backend_keep_working(tiny_model):
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
 
     s = make_session(tiny_model)
     s.run_turn("first")
     s.run_turn("second")
     assert s.pop_last_exchange() == "second"
     assert [m.role for m in s.messages] == ["user", "assistant"]
-    eager = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="eager"))
+    eager = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="float32", kernel="eager"))
     s.replace_backend(eager)
     d = s.run_turn("second")
     assert d.stats.reused_tokens == 0 and d.stats.prompt_tokens > 20  # the whole transcript was re-prefilled

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmchat import backends
-from fmchat.backends.fmc import FmcCache
+from fmchat.backends.transformers.fmc import FmcCache
+from fmchat.config import RunConfig
+from fmchat.conversation import load_backend
 
 ARCHS = ["llama", "qwen2", "phi3"]
 LOGIT_TOL = dict(atol=1e-5, rtol=1e-5)  # float32 end to end; only the summation order differs from sdpa
@@ -14,7 +15,7 @@ CTX = 128
 
 
 def load(path, kernel, ctx=CTX):
-    return backends.load(str(path), options=backends.LoadOptions(device="cpu", dtype="float32", ctx=ctx, kernel=kernel))
+    return load_backend(RunConfig(model=str(path), device="cpu", dtype="float32", ctx=ctx, kernel=kernel))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""kernels.attention: the CPU path and the Triton kernel against an SDPA reference.
+"""fmchat_kernels.attention (the kernels/ folder): the CPU path and the Triton kernel against an SDPA reference.
 
 The Triton cases run on CUDA when present, otherwise in the Triton interpreter (TRITON_INTERPRET=1 must be set
 before triton is imported, hence at the top of this module; the shapes stay small for it).
@@ -7,15 +7,15 @@ before triton is imported, hence at the top of this module; the shapes stay smal
 from __future__ import annotations
 
 import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 # The interpreter must be chosen before triton is first imported: tests/conftest.py sets TRITON_INTERPRET=1
 # (on machines without CUDA) before anything is imported.
-
-from kernels.attention import append_kv, fmc_attention, reference_attention, triton_available  # noqa: E402
-from kernels.attention import cpu as cpu_mod  # noqa: E402
+from fmchat_kernels.attention import append_kv, fmc_attention, reference_attention, triton_available  # noqa: E402
+from fmchat_kernels.attention import cpu as cpu_mod  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -211,7 +211,7 @@ def test_no_host_sync_on_cuda():
 
 
 def test_decode_attention_bench_rows():
-    from kernels.attention.bench import decode_attention_bench, format_table
+    from fmchat_kernels.attention.bench import decode_attention_bench, format_table
 
     rows = decode_attention_bench((16, 40), q_heads=4, kv_heads=2, head_dim=16, warmup=0, iters=1)
     assert [(r["impl"], r["ctx"]) for r in rows] == [("sdpa", 16), ("fmc", 16), ("sdpa", 40), ("fmc", 40)]
@@ -245,7 +245,7 @@ def test_cpu_exact_fill_path_in_bf16():
 # ------------------------------------------------------------------ the fused decode loop (compiled step's kernel)
 @pytest.fixture(scope="module")
 def fused_compiled():
-    from kernels.attention import decode_attention_fused
+    from fmchat_kernels.attention import decode_attention_fused
 
     return torch.compile(decode_attention_fused, dynamic=True)  # one kernel for every length, as in the step
 
@@ -256,7 +256,7 @@ def test_fused_decode_attention_matches_reference(fused_compiled, dtype, tol, hq
     """decode_attention_fused, compiled with a symbolic length and run eagerly, against the float64 reference for
     one decoded token over the first L rows of a buffer whose tail holds garbage: lengths ending mid-vector, at a
     vector edge, one past it, and long; fp32 <= 1e-5, bf16 <= 2e-2."""
-    from kernels.attention import decode_attention_fused
+    from fmchat_kernels.attention import decode_attention_fused
 
     g = torch.Generator().manual_seed(hq * 100 + d)
     max_len = 1024

@@ -10,16 +10,17 @@ from conftest import build_tiny_model, make_session
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 
-from fmchat import backends
 from fmchat.cli import app
-from fmchat.memory.policies import unsupported_claims
+from fmchat.config import RunConfig
+from fmchat.context.policies import unsupported_claims
+from fmchat.conversation import load_backend
 
 runner = CliRunner()
 ARCHS = ["llama", "qwen2", "phi3"]
 
 
 def load(model_dir, **kw):
-    return backends.load(str(model_dir), options=backends.LoadOptions(device="cpu", dtype="float32", **kw))
+    return load_backend(RunConfig(model=str(model_dir), device="cpu", dtype="float32", **kw))
 
 
 @pytest.fixture(scope="module")

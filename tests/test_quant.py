@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import quant as kq
+from fmchat_kernels import quant as kq
 
 N, K = 96, 256  # K a multiple of the int4 group
 
@@ -161,10 +161,12 @@ def test_kernels_quant_does_not_import_fmchat():
     import ast
     from pathlib import Path
 
-    src = Path(kq.__file__).read_text()
-    names = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(ast.parse(src))
-             if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])]  # fmt: skip
-    assert not any((x or "").startswith("fmchat") for x in names)
+    files = sorted(Path(kq.__file__).parent.glob("*.py"))  # the package is split per scheme: read every module
+    assert len(files) > 1
+    for f in files:
+        names = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(ast.parse(f.read_text()))
+                 if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])]  # fmt: skip
+        assert not any((x or "") == "fmchat" or (x or "").startswith("fmchat.") for x in names), f
 
 
 # ------------------------------------------------------------------ tiny HF models through the backend
@@ -174,9 +176,10 @@ def _logits(backend, ids):
 
 
 def test_tiny_model_logits_close_per_scheme(tiny_model):
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
 
-    load = lambda q: backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", quant=q))  # noqa: E731
+    load = lambda q: load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="float32", quant=q))  # noqa: E731
     ref = load("none")
     ids = ref.render([{"role": "user", "content": "Tell me about the sea and the sky."}])
     base = _logits(ref, ids)
@@ -189,7 +192,7 @@ def test_tiny_model_logits_close_per_scheme(tiny_model):
         top1[q] = float((lg.argmax(-1) == base.argmax(-1)).float().mean())
         assert b.weights_bytes() < ref.weights_bytes()
         with pytest.raises(ValueError):  # the loaded model is quantized: switching must reload
-            from kernels.quant import quantize_model
+            from fmchat_kernels.quant import quantize_model
 
             quantize_model(b.model, "int8")
     # A random 2-layer model (measured: bf16 1.2%, int8 2.6%, log8 3.4%, int4 22% relative logit error);
@@ -202,11 +205,12 @@ def test_tiny_model_logits_close_per_scheme(tiny_model):
 def test_switching_by_reload_keeps_the_conversation(tiny_model):
     from conftest import make_session
 
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
 
     s = make_session(tiny_model, max_new_tokens=6)
     s.run_turn("Hello there.")
-    b = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", quant="int8"))
+    b = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="float32", quant="int8"))
     s.replace_backend(b)
     done = s.run_turn("And again?")
     assert s.backend.quant == "int8" and len(s.messages) == 4

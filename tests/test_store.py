@@ -213,7 +213,8 @@ def test_kv_snapshot_resume_equals_continuous_and_full_prefill(tiny_model, tmp_p
 
 
 def test_kv_snapshot_from_another_configuration_is_ignored(tiny_model, tmp_path):
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
     from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
     store = Store(tmp_path / "s.db")
@@ -221,7 +222,7 @@ def test_kv_snapshot_from_another_configuration_is_ignored(tiny_model, tmp_path)
     rec = Recorder(store)
     record_turn(s1, rec, "Hi")
     kvsnap.save(store, rec.session_id, s1)
-    b = backends.load(str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="eager"))
+    b = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="float32", kernel="eager"))
     s2 = ChatSession(b, SessionConfig(gen=GenerationConfig(max_new_tokens=8, temperature=0.0, seed=0)))
     open_session(store, rec.session_id, s2)
     r = rebuild_cache(s2, store, rec.session_id)
@@ -359,13 +360,12 @@ def test_an_older_schema_is_migrated_in_place(tmp_path, monkeypatch):
 
 
 def test_kv_snapshot_with_the_fmc_kernel_cache(tiny_model, tmp_path):
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
     from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
     def fmc_session():
-        b = backends.load(
-            str(tiny_model), options=backends.LoadOptions(device="cpu", dtype="float32", kernel="fmc", ctx=256)
-        )
+        b = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="float32", kernel="fmc", ctx=256))
         return ChatSession(b, SessionConfig(ctx=256, gen=GenerationConfig(max_new_tokens=8, temperature=0.0, seed=0)))
 
     with Store(tmp_path / "s.db") as store:
@@ -431,3 +431,117 @@ def test_a_writer_held_elsewhere_gives_a_clear_busy_error_and_reads_go_on(tmp_pa
     with Store(path) as s:
         s.rename(sid, "after")
         assert s.get(sid).title == "after"
+
+
+def test_the_sql_layer_imports_without_torch_and_without_a_circle():
+    # transcript first, then db: with an import circle one of the two orders fails in a fresh process
+    code = (
+        "import sys\n"
+        "import fmchat.store.transcript, fmchat.store.db\n"
+        "from fmchat.store.db import derive_title, Store, StoredMessage\n"
+        "from fmchat.store.transcript import ID_RE\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors', 'fmchat.store.kvsnap') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    swapped = code.replace("fmchat.store.transcript, fmchat.store.db", "fmchat.store.db, fmchat.store.transcript")
+    for c in (code, swapped):
+        r = subprocess.run([sys.executable, "-c", c], check=False, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def _upgrade_files() -> list[str]:
+    from importlib import resources
+
+    return sorted(e.name for e in (resources.files("fmchat.store") / "upgrades").iterdir() if e.name.endswith(".sql"))
+
+
+def test_upgrades_are_numbered_files_and_a_version_0_database_is_brought_up_to_date(tmp_path):
+    import re
+    from importlib import resources
+
+    from fmchat.store import StoredMessage, db
+
+    names = _upgrade_files()
+    assert names and names[0] == "0001_initial.sql"
+    assert all(re.fullmatch(r"\d{4}_[a-z0-9_]+\.sql", n) for n in names), names
+    assert [int(n[:4]) for n in names] == list(range(1, len(names) + 1))  # contiguous from 0001
+    assert SCHEMA_VERSION == db.SCHEMA_VERSION == len(names)
+    folder = resources.files("fmchat.store") / "upgrades"
+    assert db.MIGRATIONS == [(folder / n).read_text(encoding="utf-8") for n in names]
+
+    path = tmp_path / "v0.db"
+    sqlite3.connect(path).close()  # an existing, empty database: user_version 0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 0
+    with Store(path) as s:
+        assert s.schema_version == SCHEMA_VERSION
+        tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        assert {"sessions", "messages", "sessions_updated"} <= tables
+        sid = s.create_session(model="m", messages=[StoredMessage("user", "hello", 1.0)])
+    with Store(path) as s:  # reopened at the current version: nothing to run again
+        assert s.schema_version == SCHEMA_VERSION and s.get(sid).messages[0].content == "hello"
+
+
+def test_an_upgrade_may_hold_triggers_comments_and_semicolons_in_strings(tmp_path, monkeypatch):
+    from fmchat.store import db
+
+    extra = """
+    -- a comment; with a semicolon
+    CREATE TABLE notes (body TEXT NOT NULL DEFAULT 'a;b');
+    CREATE TRIGGER sessions_note AFTER INSERT ON sessions BEGIN
+        INSERT INTO notes (body) VALUES ('new; ' || NEW.id);
+    END;
+    """
+    assert len(db.split_statements(extra)) == 2
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, extra])
+    monkeypatch.setattr(db, "SCHEMA_VERSION", len(db.MIGRATIONS))
+    with db.Store(tmp_path / "t.db") as s:
+        sid = s.create_session(model="m")
+        assert s.conn.execute("SELECT body FROM notes").fetchall() == [(f"new; {sid}",)]
+
+
+def test_misnumbered_upgrade_files_are_refused(tmp_path):
+    from fmchat.store import db
+
+    (tmp_path / "upgrades").mkdir()
+    (tmp_path / "upgrades" / "README.md").write_text("not sql")
+    (tmp_path / "upgrades" / "0001_initial.sql").write_text("CREATE TABLE a (x);")
+    (tmp_path / "upgrades" / "0002_more.sql").write_text("CREATE TABLE b (x);")
+    assert db.load_upgrades(tmp_path / "upgrades") == ["CREATE TABLE a (x);", "CREATE TABLE b (x);"]
+    (tmp_path / "upgrades" / "0004_gap.sql").write_text("CREATE TABLE c (x);")
+    with pytest.raises(RuntimeError, match="without gaps"):
+        db.load_upgrades(tmp_path / "upgrades")
+    (tmp_path / "upgrades" / "0004_gap.sql").rename(tmp_path / "upgrades" / "3_bad.sql")
+    with pytest.raises(RuntimeError, match="not named"):
+        db.load_upgrades(tmp_path / "upgrades")
+
+
+def test_delete_removes_every_snapshot_file_of_the_session_and_nothing_else(tmp_path):
+    from fmchat.store import files
+
+    with Store(tmp_path / "s.db") as store:
+        sid = store.create_session(model="m")
+        other = store.create_session(model="m")
+        kv = tmp_path / "kv"
+        (kv / sid).mkdir(parents=True)  # a snapshot in several files
+        (kv / sid / "layer0.bin").write_bytes(b"k")
+        (kv / f"{sid}.safetensors").write_bytes(b"s")
+        (kv / f"{sid}.meta.json").write_text("{}")
+        outside = tmp_path / "outside.txt"
+        outside.write_text("keep me")
+        (kv / f"{sid}.link").symlink_to(outside)
+        keep = [kv / f"{other}.safetensors", kv / f"{sid}x.safetensors", kv / f"x{sid}.safetensors"]
+        for p in keep:
+            p.write_bytes(b"o")
+        assert kvsnap.snapshot_path(store, sid) == files.snapshot_path(store.path, sid) == kv / f"{sid}.safetensors"
+        assert len(files.snapshot_files(store.path, sid)) == 4
+        store.delete(sid)
+        assert sorted(kv.iterdir()) == sorted(keep) and outside.read_text() == "keep me"
+        # an id that is not a file name (written into the database by hand) never names a path
+        with pytest.raises(ValueError):
+            files.snapshot_files(store.path, "../outside")
+        with pytest.raises(ValueError):
+            kvsnap.snapshot_path(store, "a/b")
+        store.conn.execute("INSERT INTO sessions (id, title, created, updated) VALUES ('..', 't', 1, 1)")
+        (tmp_path / "...safetensors").write_text("x")
+        assert store.delete("..") == ".."
+        assert (tmp_path / "...safetensors").exists() and sorted(kv.iterdir()) == sorted(keep)

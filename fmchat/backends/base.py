@@ -1,16 +1,28 @@
-"""The one small protocol every token-level backend implements.
+"""What a backend is: two protocols and the optional capabilities a backend declares by implementing them.
 
-The engine (``fmchat.engine.ChatSession``) owns the conversation and the token ledger; a backend owns
-weights, tokenizer and the KV cache, and answers four questions: how a conversation renders to tokens,
-what the logits after some tokens are (appending them to its cache), how to crop its cache back to a
-prefix, and what it costs (bytes, device). Anything a backend cannot know it reports as ``None``.
+* ``TokenBackend`` — owns a tokenizer and a KV cache (transformers, llama.cpp). The engine keeps the token
+  ledger and asks four things: how a conversation renders to tokens, the logits after some tokens (appended
+  to the cache), how to crop the cache back to a prefix, and what it costs.
+* ``TextBackend`` — a server that owns tokenizer and cache (openai): the engine sends messages and reads a
+  stream of text pieces.
+
+Optional capabilities are mixins; a backend has one when it inherits it, and callers ask with
+``isinstance`` — never by probing for attributes:
+
+* ``KVShift`` — remove cached positions and re-rotate the later keys (the ``shift`` context policy).
+* ``KVSnapshot`` — export/import the cached keys and values (saved sessions resume without re-prefilling).
+* ``AllLogits`` — logits at every position of a forward (perplexity in benchmarks).
+
+Whoever owns the cache does the cache surgery: nothing outside a backend touches its cache's tensors.
+A figure a backend cannot know is ``None``, never 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 ProgressFn = Callable[[str, "float | None"], None]
 
@@ -32,20 +44,6 @@ def no_progress(step: str, fraction: float | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class LoadOptions:
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    ctx: int | None = None  # context window cap (tokens); None = the model's own maximum
-    kernel: str = "sdpa"  # attention implementation: sdpa | eager
-    quant: str = "none"  # weight quantization: none | bf16 | fp16 | int8 | int4 | log8 (kernels/quant)
-    threads: int | None = None  # CPU threads (llama.cpp); None = all cores this process may use
-    compile: str = "off"  # transformers: torch.compile the one-token decode step: off | on (backends/compiled.py)
-    gpu_layers: int = 0  # layers offloaded to the GPU (llama.cpp; -1 = all)
-    base_url: str | None = None  # OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1 (openai)
-    api_model: str | None = None  # model name on that server; None = the first it lists (openai)
-
-
-@dataclass(frozen=True)
 class LoadReport:
     """How a load went: shown to the user and kept for the README's load-time figures."""
 
@@ -54,36 +52,114 @@ class LoadReport:
     weights_dir: str
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str  # backend name, e.g. "transformers"
+@dataclass
+class StreamPiece:
+    """A piece of a text-level backend's reply stream."""
+
+    text: str = ""
+    usage: dict | None = None
+    finish_reason: str | None = None
+
+
+class Backend(ABC):
+    """What every backend reports. Subclass TokenBackend or TextBackend, never this directly."""
+
+    name: str  # the registry name, e.g. "transformers"
     model_name: str
     device: str
-    dtype: str
-    ctx_size: int  # context window (tokens)
-    eos_token_ids: frozenset[int]
+    dtype: str  # as loaded: "bfloat16", a GGUF type such as "Q4_1", or "server"
+    quant: str = "none"  # weight quantization as loaded: a kernels/quant scheme, "gguf", "server"
+    kernel: str = ""  # attention implementation as loaded
+    ctx_size: int | None  # context window (tokens); None when the backend cannot know it
     load_report: LoadReport
 
-    def render(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of the chat template applied to ``messages`` with the assistant prompt appended."""
+    @property
+    def decode_path(self) -> str:
+        """How one-token steps run, as shown to the user."""
+        return self.name
 
+    def seq_lens(self) -> list[int] | None:
+        """KV-cache fill per batch row (tokens); None when the backend cannot know it."""
+        return None
+
+    def kv_bytes(self) -> int | None:
+        return None
+
+    def weights_bytes(self) -> int | None:
+        return None
+
+    def accelerator_mem_mb(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        """Free what the backend holds (a server connection, llama.cpp's context...)."""
+
+
+class TokenBackend(Backend):
+    """Owns tokenizer and KV cache; the engine keeps the ledger of the cached token ids."""
+
+    eos_token_ids: frozenset[int]
+
+    @abstractmethod
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template applied to ``messages`` (with the assistant prompt appended)."""
+
+    @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with special tokens removed."""
 
+    @abstractmethod
     def cached_tokens(self) -> int:
         """Tokens held in the KV cache."""
 
+    @abstractmethod
     def truncate(self, n: int) -> None:
         """Crop the KV cache to its first ``n`` tokens."""
 
+    @abstractmethod
     def forward(self, ids: Sequence[int]):
         """Run ``ids`` after the cached tokens, append them to the cache, return next-token logits (1-D)."""
 
-    def seq_lens(self) -> list[int]:
-        """KV-cache fill per batch row (tokens)."""
+    def seq_lens(self) -> list[int] | None:
+        return [self.cached_tokens()]
 
-    def kv_bytes(self) -> int | None: ...
 
-    def weights_bytes(self) -> int | None: ...
+class TextBackend(Backend):
+    """A server that owns tokenizer and cache: messages go out, text comes back."""
 
-    def accelerator_mem_mb(self) -> float | None: ...
+    @abstractmethod
+    def stream_chat(self, messages: Sequence[dict], gen, cancel: threading.Event) -> Iterator[StreamPiece]:
+        """Stream the reply to ``messages`` with sampling ``gen``; stop early when ``cancel`` is set."""
+
+
+# ---------------------------------------------------------------- optional capabilities
+class KVShift(ABC):
+    @abstractmethod
+    def shift(self, n_keep: int, n_discard: int) -> str | None:
+        """Remove cached positions [n_keep, n_keep + n_discard) and move the later ones back so nothing is
+        re-prefilled. None when done; else why it cannot be done exactly (the cache is then unchanged)."""
+
+
+class KVSnapshot(ABC):
+    @abstractmethod
+    def kv_fingerprint(self) -> dict:
+        """What the cached keys and values depend on besides the tokens (weights, dtype, quant, kernel...)."""
+
+    @abstractmethod
+    def kv_layers(self) -> int:
+        """How many (keys, values) pairs a snapshot holds."""
+
+    @abstractmethod
+    def export_kv(self, start: int, end: int) -> list[tuple]:
+        """CPU copies of every layer's (keys, values) for cached positions [start, end): [B, H, end-start, D]."""
+
+    @abstractmethod
+    def import_kv(self, layers: list[tuple]) -> None:
+        """Append every layer's (keys, values) to the cache (positions after the cached ones). Raises
+        ValueError when they do not fit this cache; the caller then empties it."""
+
+
+class AllLogits(ABC):
+    @abstractmethod
+    def forward_all(self, ids: Sequence[int]):
+        """Like forward, but the logits at every position [n, vocab] (perplexity)."""

@@ -17,7 +17,7 @@ def default_script() -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    from fmchat.cli import UserError
+    from fmchat.errors import UserError
 
     raise UserError("no benchmark script found (looked for ../shared/bench/conversation.json); pass --script FILE")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 
 from rich.console import Console
 from rich.table import Table
+
+from . import report
 
 
 def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False) -> dict:
@@ -16,6 +17,7 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    run = report.begin("bench backends")
     per_backend = {}
     for label, session in sessions.items():
         session.reset()
@@ -33,22 +35,23 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
         rates = [r["decode_tok_s"] for r in rows if r["decode_tok_s"]]
         per_backend[label] = {
             "backend": b.name, "model": b.model_name, "device": b.device, "dtype": b.dtype,
-            "quant": getattr(b, "quant", None), "decode_path": getattr(b, "decode_path", b.name),
+            "quant": b.quant, "decode_path": b.decode_path,
             "turns": rows,
             "ttft_ms_median": round(statistics.median(ttfts), 1),
             "ttft_ms_last": ttfts[-1],
             "decode_tok_s_median": round(statistics.median(rates), 1) if rates else None,
         }  # fmt: skip
     result = {"backends": per_backend, "turns": len(user_turns)}
-    if json_out:
-        print(json.dumps(result))
-        return result
+    return report.emit(run, result, json_out, lambda: print_tables(per_backend, len(user_turns)))
+
+
+def print_tables(per_backend: dict, n_turns: int) -> None:
     c = Console(highlight=False, width=140)
     t = Table(title="fmchat bench backends · per turn: TTFT ms / decode tok/s")
     t.add_column("turn", justify="right")
     for label in per_backend:
         t.add_column(label, justify="right")
-    for i in range(len(user_turns)):
+    for i in range(n_turns):
         cells = []
         for v in per_backend.values():
             r = v["turns"][i]
@@ -63,4 +66,3 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
                   f"{v['ttft_ms_median']:.0f}", f"{v['ttft_ms_last']:.0f}",
                   f"{v['decode_tok_s_median']}" if v["decode_tok_s_median"] else "n/a")  # fmt: skip
     c.print(s)
-    return result

@@ -19,7 +19,6 @@ is measured here (the best of several ``sum`` passes over a buffer far larger th
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from . import report
+
 COLUMNS = ("config", "backend", "dtype", "quant", "decode_path", "weights_bytes", "bound_tok_s", "decode_tok_s", "ttft_ms")
 CONFIGS = ("generate()", "eager", "compiled", "compiled+int8", "compiled+int4", "llama.cpp")
-TRANSFORMERS = {  # label -> LoadOptions fields
+TRANSFORMERS = {  # label -> RunConfig fields
     "eager": {},
     "compiled": {"compile": "on"},
     "compiled+int8": {"compile": "on", "quant": "int8"},
@@ -93,7 +94,7 @@ def ttft_ms(backend, ids: list[int]) -> float:
 @torch.inference_mode()
 def generate_rate(model, ids: list[int], n: int) -> float:
     x = torch.tensor([ids], device=model.device)
-    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, attention_mask=torch.ones_like(x))
+    kw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "attention_mask": torch.ones_like(x)}
 
     def timed(k: int) -> float:
         t0 = time.perf_counter()
@@ -129,13 +130,15 @@ def bench_decode(
     quiet: bool = False,
 ) -> dict:
     """Run the table; ``configs`` picks rows (``llama.cpp`` needs a GGUF model, skipped when ``llamacpp_model`` is None).
-    ``extra_configs``: more transformers rows, label -> LoadOptions fields. ``quiet``: return without printing."""
-    from fmchat import backends
-    from fmchat.backends.fmc import attention_shape
+    ``extra_configs``: more transformers rows, label -> RunConfig fields. ``quiet``: return without printing."""
+    from fmchat.backends.transformers.fmc import attention_shape
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
     from fmchat.engine.session import set_threads
 
+    run = None if quiet else report.begin("bench decode")
     set_threads(threads)
-    contexts = sorted(set(int(c) for c in contexts))
+    contexts = sorted({int(c) for c in contexts})
     ctx = max(max(contexts), ttft_tokens) + new_tokens + 8
     gbs = read_rate_gb_s(read_mb)
     log(f"memory read rate {gbs:.1f} GB/s ({torch.get_num_threads()} threads); load {os.getloadavg()[0]:.2f}")
@@ -148,14 +151,14 @@ def bench_decode(
             if llamacpp_model is None:
                 continue
             spec = model if llamacpp_model == "same" else llamacpp_model
-            opts = backends.LoadOptions(device=device, ctx=ctx, threads=threads or torch.get_num_threads())
-            b = backends.load(spec, "llamacpp", opts, lambda s, f=None: log(f"{label}: {s}"))
+            cfg = RunConfig(model=spec, backend="llamacpp", device=device, ctx=ctx, threads=threads or torch.get_num_threads())
+            b = load_backend(cfg, lambda s, f=None, lb=label: log(f"{lb}: {s}"))
         else:
             fields = {**TRANSFORMERS, **(extra_configs or {})}[label]
-            opts = backends.LoadOptions(device=device, dtype=dtype, ctx=ctx, threads=threads, **fields)
+            cfg = RunConfig(model=model, device=device, dtype=dtype, ctx=ctx, threads=threads, **fields)
             t0 = time.perf_counter()
-            b = backends.load(model, "transformers", opts, lambda s, f=None, lb=label: log(f"{lb}: {s}"))
-            log(f"{label}: loaded in {time.perf_counter() - t0:.1f} s ({getattr(b, 'compile_status', '')})")
+            b = load_backend(cfg, lambda s, f=None, lb=label: log(f"{lb}: {s}"))
+            log(f"{label}: loaded in {time.perf_counter() - t0:.1f} s ({b.decode_path})")
         loaded[label] = b
     first_tf = next((b for lb, b in loaded.items() if lb != "llama.cpp"), None)
     if first_tf is None:
@@ -168,8 +171,7 @@ def bench_decode(
         if eager is not None and eager.kernel == "sdpa" and eager.quant == "none":
             gen_model = eager.model  # generate() keeps its own DynamicCache; the backend's cache is untouched
         else:
-            opts = backends.LoadOptions(device=device, dtype=dtype, ctx=ctx)
-            gen_model = backends.load(model, "transformers", opts).model
+            gen_model = load_backend(RunConfig(model=model, device=device, dtype=dtype, ctx=ctx, threads=threads)).model
     for lb in order:
         b = loaded.get(lb)
         weights = b.weights_bytes() if b is not None else sum(
@@ -178,8 +180,8 @@ def bench_decode(
             "config": lb,
             "backend": b.name if b is not None else "transformers",
             "dtype": b.dtype if b is not None else str(gen_model.dtype).removeprefix("torch."),
-            "quant": getattr(b, "quant", "none") if b is not None else "none",
-            "decode_path": getattr(b, "decode_path", b.name if b is not None else "generate()") if b is not None else "generate()",
+            "quant": b.quant if b is not None else "none",
+            "decode_path": b.decode_path if b is not None else "generate()",
             "weights_bytes": int(weights),
             "bound_tok_s": round(gbs * 1e9 / weights, 1),
             "decode_tok_s": {},
@@ -221,11 +223,7 @@ def bench_decode(
     }
     if quiet:
         return result
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_table(result)
-    return result
+    return report.emit(run, result, json_out, lambda: print_table(result))
 
 
 def print_table(result: dict) -> None:
@@ -244,6 +242,6 @@ def print_table(result: dict) -> None:
     t.add_column(f"TTFT {result['ttft_tokens']} (ms)", justify="right")
     for r in result["rows"]:
         t.add_row(r["config"], fmt_bytes(r["weights_bytes"]), r["quant"], r["decode_path"],
-                  *[f"{r['decode_tok_s'].get(str(c), 0):.1f}" for c in result["contexts"]],
-                  f"{r['bound_tok_s']:.0f}", f"{r['ttft_ms']:.0f}")  # fmt: skip
+                  *[report.num(r["decode_tok_s"].get(str(c)), ".1f") for c in result["contexts"]],
+                  f"{r['bound_tok_s']:.0f}", report.num(r["ttft_ms"], ".0f"))  # fmt: skip
     Console(highlight=False, width=200).print(t)

@@ -2,7 +2,7 @@
 
 Two tables:
 
-* **Decode attention** (``kernels.attention.bench.decode_attention_bench``): milliseconds for one layer's attention
+* **Decode attention** (``fmchat_kernels.attention.bench.decode_attention_bench``): milliseconds for one layer's attention
   of one decoded token, at each context length, with the loaded model's head layout and dtype. Rows: ``sdpa``
   (PyTorch SDPA over K/V cut to the length, as transformers' sdpa path gets them), ``eager`` (transformers' own
   ``eager_attention_forward``: repeat_kv, matmul, fp32 softmax), ``fmc`` (fmchat's kernel as the chat's eager loop
@@ -16,13 +16,14 @@ Two tables:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import torch
 
-E2E = {  # label -> LoadOptions fields
+from . import report
+
+E2E = {  # label -> RunConfig fields
     "sdpa": {"kernel": "sdpa"},
     "eager": {"kernel": "eager"},
     "fmc": {"kernel": "fmc"},
@@ -51,7 +52,7 @@ def _eager_fn(q_heads: int, kv_heads: int, head_dim: int):
 
 
 def attention_rows(shape: dict, contexts, dtype: torch.dtype, device: str, iters: int) -> list[dict]:
-    from kernels.attention.bench import decode_attention_bench
+    from fmchat_kernels.attention.bench import decode_attention_bench
 
     hq, hkv, d = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
     impls = ("sdpa", "fmc") if device != "cpu" else ("sdpa", "fmc-exact", "fmc-cpu", "fmc-fused")
@@ -79,13 +80,14 @@ def bench_kernels(
     threads: int | None = None,
     json_out: bool = False,
 ) -> dict:
-    from fmchat.backends.transformers_backend import pick_device, pick_dtype
+    from fmchat.backends.transformers.backend import pick_device, pick_dtype
 
     from .decode import bench_decode
 
     unknown = [c for c in configs if c not in E2E]
     if unknown:
         raise ValueError(f"unknown kernel row '{unknown[0]}' (use: {', '.join(E2E)})")
+    run = report.begin("bench kernels")
     dev = pick_device(device)
     e2e = bench_decode(
         model, contexts=list(e2e_contexts), new_tokens=new_tokens, ttft_tokens=min(1024, max(e2e_contexts)),
@@ -94,7 +96,7 @@ def bench_kernels(
     )  # fmt: skip
     shape = e2e["attention_shape"]
     log(f"decode attention: {shape['q_heads']} query / {shape['kv_heads']} kv heads, head dim {shape['head_dim']}, {dtype}")
-    rows = attention_rows(shape, sorted(set(int(c) for c in contexts)), pick_dtype(dtype, dev), dev, iters)
+    rows = attention_rows(shape, sorted({int(c) for c in contexts}), pick_dtype(dtype, dev), dev, iters)
     result = {
         "model": e2e["model"],
         "device": dev,
@@ -104,11 +106,7 @@ def bench_kernels(
         "end_to_end": e2e,
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
     }
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_tables(result)
-    return result
+    return report.emit(run, result, json_out, lambda: print_tables(result))
 
 
 def print_tables(result: dict) -> None:
@@ -141,6 +139,6 @@ def print_tables(result: dict) -> None:
         t.add_column(f"tok/s @{c}", justify="right")
     t.add_column(f"TTFT {e2e['ttft_tokens']} (ms)", justify="right")
     for r in e2e["rows"]:
-        t.add_row(r["config"], r["decode_path"], *[f"{r['decode_tok_s'].get(str(c), 0):.1f}" for c in e2e["contexts"]],
-                  f"{r['ttft_ms']:.0f}")  # fmt: skip
+        t.add_row(r["config"], r["decode_path"], *[report.num(r["decode_tok_s"].get(str(c)), ".1f") for c in e2e["contexts"]],
+                  report.num(r["ttft_ms"], ".0f"))  # fmt: skip
     console.print(t)

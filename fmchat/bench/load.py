@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 from rich.console import Console
 
+from . import report
+
 
 def bench_load(model: str | None, device: str = "auto", dtype: str = "auto", repeats: int = 2, json_out: bool = False) -> dict:
-    from fmchat import backends
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
 
-    opts = backends.LoadOptions(device=device, dtype=dtype)
+    run = report.begin("bench load")
+    config = RunConfig(model=model, device=device, dtype=dtype)
     rows = []
     saved = os.environ.get("FMCHAT_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="fmchat-bench-load-") as tmp:
         os.environ["FMCHAT_CACHE_DIR"] = tmp  # a cold conversion cache, thrown away afterwards
         try:
             for i in range(1 + repeats):
-                b = backends.load(model, options=opts)
+                b = load_backend(config)
                 r = b.load_report
                 rows.append({"load": i + 1, "seconds": round(r.seconds, 2), "converted": r.converted})
                 del b
@@ -29,11 +32,11 @@ def bench_load(model: str | None, device: str = "auto", dtype: str = "auto", rep
             else:
                 os.environ["FMCHAT_CACHE_DIR"] = saved
     result = {"model": model or "smollm2-135m", "device": device, "dtype": dtype, "loads": rows}
-    if json_out:
-        print(json.dumps(result))
-    else:
+
+    def render() -> None:
         c = Console(highlight=False)
         for row in rows:
             what = "first load (GGUF converted to safetensors)" if row["converted"] else "later load (reads the converted safetensors)"
             c.print(f"load {row['load']}: {row['seconds']:.2f} s  {what}")
-    return result
+
+    return report.emit(run, result, json_out, render)

@@ -7,19 +7,17 @@ left, which shows what `shift`'s re-rotated cache costs in quality against `slid
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from fmchat.engine import ContextOverflow
-from fmchat.engine.session import common_prefix
 from fmchat.engine.stats import fmt_bytes
-from fmchat.memory.policies import NoRoom, make_room
+
+from . import report
 
 SYSTEM = "The user's name is Ada. Answer briefly."
 PROBE = "What is my name?"
@@ -31,29 +29,11 @@ CONTINUATION = (
 
 def continuation_nll(session) -> float | None:
     """Mean negative log-likelihood (nats/token) of the continuation as the next user message."""
-    b = session.backend
-    if not hasattr(b, "forward_all"):
-        return None
-    ids = b.render(session.template_messages(CONTINUATION))
-    if len(ids) > session.ctx_size:
-        try:
-            make_room(session, CONTINUATION, 0)
-        except NoRoom:
-            return None
-        ids = b.render(session.template_messages(CONTINUATION))
-    start = len(b.render(session.template_messages(), add_generation_prompt=False))
-    keep = min(common_prefix(session.ledger, ids), start - 1)
-    session._set_ledger(keep)
-    logits = b.forward_all(ids[keep:])
-    session.ledger.extend(ids[keep:])
-    targets = torch.tensor(ids[start:], device=logits.device)
-    logp = torch.log_softmax(logits[start - 1 - keep : len(ids) - 1 - keep], dim=-1)
-    return float(-logp.gather(1, targets[:, None]).mean())
+    return session.message_nll(CONTINUATION)
 
 
 def run_policy(session, policy: str, user_turns: list[str], n_turns: int, log) -> dict:
-    session.config.memory = policy
-    session.config.system = SYSTEM
+    session.configure(memory=policy, system=SYSTEM)
     session.reset()
     rows, stopped = [], None
     for i in range(n_turns):
@@ -81,7 +61,7 @@ def run_policy(session, policy: str, user_turns: list[str], n_turns: int, log) -
         "turns_completed": len(rows),
         "stopped": stopped,
         "max_ctx_used": max((r["ctx_used"] for r in rows), default=0),
-        "max_kv_bytes": max((r["kv_bytes"] or 0 for r in rows), default=0),
+        "max_kv_bytes": max((r["kv_bytes"] for r in rows if r["kv_bytes"] is not None), default=None),  # None: unknown
         "actions": sum(1 for r in rows if r["action"]),
         "evicted_tokens": sum(r["evicted"] for r in rows),
         "first_action_turn": first,
@@ -99,19 +79,24 @@ def bench_memory(session, user_turns: list[str], n_turns: int, policies: list[st
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    run = report.begin("bench memory")
     results = [run_policy(session, p, user_turns, n_turns, log) for p in policies]
     b = session.backend
     out = {"model": b.model_name, "backend": b.name, "device": b.device, "dtype": b.dtype, "ctx": session.ctx_size,
            "turns": n_turns, "policies": results}  # fmt: skip
-    if json_out:
-        print(json.dumps(out))
-        return out
-    t = Table(title=f"fmchat bench memory · {b.model_name} · {b.name} · {b.device} · {b.dtype} · ctx {session.ctx_size} tokens · {n_turns} turns")
+    return report.emit(run, out, json_out, lambda: print_table(out))
+
+
+def print_table(out: dict) -> None:
+    results = out["policies"]
+    t = Table(title=f"fmchat bench memory · {out['model']} · {out['backend']} · {out['device']} · {out['dtype']} · ctx {out['ctx']} tokens · "
+                    f"{out['turns']} turns")  # fmt: skip
     for col in ("policy", "turns done", "max ctx (tokens)", "max KV", "actions", "evicted (tokens)", "TTFT before / after 1st action (median ms)",
                 "prefilled/turn after (median)", "recall 'Ada'", "continuation ppl"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in results:
-        ttft = "n/a" if r["ttft_ms_median_before"] is None else f"{r['ttft_ms_median_before']:.0f} / {r['ttft_ms_median_after']:.0f}"
+        before, after = report.num(r["ttft_ms_median_before"], ".0f"), report.num(r["ttft_ms_median_after"], ".0f")
+        ttft = "n/a" if r["first_action_turn"] is None else f"{before} / {after}"
         t.add_row(
             r["policy"],
             f"{r['turns_completed']}" + (" (stopped)" if r["stopped"] else ""),
@@ -125,4 +110,3 @@ def bench_memory(session, user_turns: list[str], n_turns: int, policies: list[st
             "n/a" if r["continuation_ppl"] is None else f"{r['continuation_ppl']:.2f}",
         )
     Console(highlight=False, width=160).print(t)
-    return out

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import report
+
 ROWS = {  # label -> (quant, dtype)
     "fp32": ("none", "float32"),
     "bf16": ("bf16", "auto"),
@@ -75,19 +77,19 @@ def teacher_forced_agreement(backend, ref_turns: list[dict]) -> tuple[int, int]:
 def worker(label: str, model: str | None, turns: list[str], max_new_tokens: int, threads: int | None, ref_path: str | None) -> dict:
     import psutil
 
-    from fmchat import backends
-    from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
-    from fmchat.engine.session import set_threads
+    from fmchat.config import RunConfig
+    from fmchat.conversation import Conversation
 
-    set_threads(threads)
     quant, dtype = ROWS[label]
+    config = RunConfig(model=model, device="cpu", dtype=dtype, quant=quant, threads=threads, max_new_tokens=max_new_tokens,
+                       temperature=0.0, seed=0)  # fmt: skip
     t0 = time.perf_counter()
-    backend = backends.load(model, "transformers", backends.LoadOptions(device="cpu", dtype=dtype, quant=quant))
+    chat = Conversation.open(config, save=False)
     load_s = time.perf_counter() - t0
+    backend, session = chat.backend, chat.session
     rss_loaded = psutil.Process().memory_info().rss / 2**20
-    report = getattr(backend, "quant_report", None)
+    qr = backend.quant_report
     ppl, ppl_tokens = perplexity(backend, TEXT.read_text(encoding="utf-8"))
-    session = ChatSession(backend, SessionConfig(gen=GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)))
     session.run_turn("Hi.")  # warm-up, not counted
     session.reset()
     conv, gen_tokens, decode_s = [], 0, 0.0
@@ -113,9 +115,9 @@ def worker(label: str, model: str | None, turns: list[str], max_new_tokens: int,
         "decode_tokens": gen_tokens,
         "perplexity": round(ppl, 4),
         "ppl_tokens": ppl_tokens,
-        "quantized_layers": len(report.quantized) if report else 0,
-        "kept_layers": report.skipped if report else [],
-        "embedding": next((q for q in report.quantized if "embed" in q), None) if report else None,
+        "quantized_layers": len(qr.quantized) if qr else 0,
+        "kept_layers": qr.skipped if qr else [],
+        "embedding": next((q for q in qr.quantized if "embed" in q), None) if qr else None,
         "conversation": conv,
     }
     if ref_path:
@@ -136,7 +138,7 @@ def _run_worker(label, model, turns, max_new_tokens, threads, ref_path, tmp: Pat
     if ref_path:
         args += ["--ref", str(ref_path)]
     log(f"[bench] {label}: loading, perplexity, {len(turns)} turns")
-    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker for {label} failed:\n{proc.stderr[-3000:]}")
     return json.loads((tmp / f"{label}.json").read_text())
@@ -147,6 +149,7 @@ def bench_quant(model: str | None, turns: list[str], *, schemes=tuple(ROWS), max
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    run = report.begin("bench quant")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="fmchat-bench-quant-") as d:
         tmp = Path(d)
@@ -168,20 +171,29 @@ def bench_quant(model: str | None, turns: list[str], *, schemes=tuple(ROWS), max
             "perplexity_ratio": round(a["perplexity"] / b["perplexity"], 4),
             "decode_speed_ratio": round(a["decode_tok_s"] / b["decode_tok_s"], 3) if a["decode_tok_s"] and b["decode_tok_s"] else None,
         }
-    if json_out:
-        print(json.dumps(result))
-        return result
+    from fmchat.backends.base import default_threads
+
+    # the schemes ran in worker processes, each with set_threads(threads): one per physical core when None
+    return report.emit(run, result, json_out, lambda: print_tables(result, rows, turns), threads=threads or default_threads())
+
+
+def print_tables(result: dict, rows: dict, turns: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fmchat bench quant · {result['model']} · cpu · threads {threads or 'default'} · "
-                  f"{len(turns)} turns × ≤{max_new_tokens} tokens · ppl on {TEXT.name}")  # fmt: skip
+    table = Table(title=f"fmchat bench quant · {result['model']} · cpu · threads {result['threads'] or 'default'} · "
+                  f"{len(turns)} turns × ≤{result['max_new_tokens']} tokens · ppl on {TEXT.name}")  # fmt: skip
     for col in ("scheme", "weights MiB", "vs bf16", "RSS loaded MiB", "peak RSS MiB", "decode tok/s", "perplexity",
                 "top-1 agree vs fp32", "same replies"):  # fmt: skip
         table.add_column(col, justify="right")
     bf = rows.get("bf16", rows[REFERENCE])
     for r in rows.values():
-        agree = f"{r['agree_tokens'] / r['agree_total']:.1%} ({r['agree_tokens']}/{r['agree_total']})" if r.get("agree_total") else "reference"
+        if r["scheme"] == REFERENCE:
+            agree = "reference"
+        elif r.get("agree_total"):
+            agree = f"{r['agree_tokens'] / r['agree_total']:.1%} ({r['agree_tokens']}/{r['agree_total']})"
+        else:
+            agree = "n/a"  # no reply tokens to compare
         table.add_row(
             r["scheme"], f"{r['weights_bytes'] / 2**20:.1f}", f"{r['weights_bytes'] / bf['weights_bytes']:.3f}",
             f"{r['rss_loaded_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
@@ -199,7 +211,6 @@ def bench_quant(model: str | None, turns: list[str], *, schemes=tuple(ROWS), max
     q = rows.get("int8")
     if q:
         console.print(f"quantized (int8): {q['quantized_layers']} layers incl. {q['embedding']}; kept: {q['kept_layers'] or 'none'}")
-    return result
 
 
 def _main(argv: list[str]) -> None:

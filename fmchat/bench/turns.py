@@ -6,12 +6,13 @@ not (bf16 near-ties), the first diverging turn and token are reported, not hidde
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
+
+from . import report
 
 WARMUP_PROMPT = "Hi."
 
@@ -29,7 +30,7 @@ class TurnRecord:
 
 
 def run_pass(session, user_turns: list[str], kv_cache: bool, log) -> list[TurnRecord]:
-    session.config.kv_cache = kv_cache
+    session.configure(kv_cache=kv_cache)
     session.reset()
     records = []
     for i, text in enumerate(user_turns, 1):
@@ -55,6 +56,7 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    run = report.begin("bench turns")
     # One throwaway turn so one-off start-up costs (allocator, thread pools) land in neither pass.
     session.reset()
     session.run_turn(WARMUP_PROMPT)
@@ -95,13 +97,14 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
     }
     summary = (
         f"turn {last['turn']}: TTFT {last['ttft_on_ms']:.0f} ms with the KV cache vs {last['ttft_off_ms']:.0f} ms "
-        f"re-prefilling (ratio {last['ttft_ratio']:.3f}); replies token-identical in {identical_turns}/{len(rows)} turns"
+        f"re-prefilling (ratio {report.num(last['ttft_ratio'], '.3f')}); replies token-identical in {identical_turns}/{len(rows)} turns"
         + ("" if div is None else f", first divergence at turn {div['turn']} token {div['token']}")
     )
     result["summary"] = summary
-    if json_out:
-        print(json.dumps(result))
-        return result
+    return report.emit(run, result, json_out, lambda: print_table(result, rows, b))
+
+
+def print_table(result: dict, rows: list[dict], b) -> None:
     table = Table(title=f"fmchat bench turns · {b.model_name} · {b.name} · {b.device} · {b.dtype}")
     for col in ("turn", "prompt tokens", "reused / prefilled (on)", "TTFT on (ms)", "TTFT off (ms)", "on/off", "decode on (tok/s)", "same reply"):
         table.add_column(col, justify="right")
@@ -112,11 +115,10 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
             f"{r['reused_on']} / {r['prefilled_on']}",
             f"{r['ttft_on_ms']:.0f}",
             f"{r['ttft_off_ms']:.0f}",
-            f"{r['ttft_ratio']:.3f}" if r["ttft_ratio"] is not None else "n/a",
+            report.num(r["ttft_ratio"], ".3f"),
             f"{r['decode_tok_s_on']:.1f}" if r["decode_tok_s_on"] else "n/a",
             "yes" if r["identical"] else "NO",
         )
     console = Console(highlight=False, width=120)
     console.print(table)
-    console.print(summary)
-    return result
+    console.print(result["summary"])

@@ -10,32 +10,34 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from fmchat.backends.base import Backend, default_threads
+from fmchat.backends.base import AllLogits, Backend, KVShift, KVSnapshot, TextBackend, TokenBackend, default_threads
+from fmchat.context.policies import MemoryAction, NoRoom, plan_room
+from fmchat.errors import FmchatError, UserError
+from fmchat.tokens import common_prefix
 
 from .detok import StreamDecoder
 from .events import Event, TextDelta, TurnDone, TurnStarted
 from .sampling import GenerationConfig, Sampler
 from .stats import TurnStats, peak_rss_mb, rss_mb
-from fmchat.memory.policies import NoRoom, make_room
 
 PREFILL_CHUNK = 512  # tokens per prefill forward; bounds activation memory and lets cancel act between chunks
 
 
-class EmptyPrompt(ValueError):
-    pass
+class EmptyPrompt(UserError):
+    """The message is empty (or only white space)."""
 
 
-class ContextOverflow(ValueError):
+class ContextOverflow(UserError):
     """The prompt alone does not fit the context window. The session is left as it was."""
 
 
-class TurnInProgress(RuntimeError):
-    pass
+class TurnInProgress(FmchatError):
+    """A turn is already running on this chat."""
 
 
 @dataclass
@@ -50,14 +52,6 @@ class Message:
         return {"role": self.role, "content": self.content}
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 @dataclass
 class SessionConfig:
     system: str | None = None
@@ -68,17 +62,28 @@ class SessionConfig:
 
 
 class ChatSession:
+    """One conversation on one backend. The turn strategy is picked once per backend: token-level backends
+    run fmchat's own loop over the ledger; text-level ones stream from their server."""
+
     def __init__(self, backend: Backend, config: SessionConfig | None = None):
-        self.backend = backend
         self.config = config or SessionConfig()
         self.messages: list[Message] = []
-        self.ledger: list[int] = []
+        self._ledger: list[int] = []  # exactly the token ids in the backend's KV cache, in order
         self.window_start = 0  # messages before this index were dropped from the window by the memory policy
         self.memory_note = ""  # the summary policy's note on dropped turns, kept after the system prompt
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.sampler = Sampler(self.config.gen)
-        self.backend.truncate(0)
+        self._use(backend)
+
+    def _use(self, backend: Backend) -> None:
+        if not isinstance(backend, (TokenBackend, TextBackend)):
+            raise TypeError(f"{type(backend).__name__} is neither a TokenBackend nor a TextBackend")
+        self.backend = backend
+        self._turn_impl = self._turn_tokens if isinstance(backend, TokenBackend) else self._turn_text
+        self._ledger.clear()
+        if isinstance(backend, TokenBackend):
+            backend.truncate(0)
 
     # ------------------------------------------------------------------ state
     @property
@@ -89,6 +94,24 @@ class ChatSession:
     @property
     def turns(self) -> int:
         return sum(1 for m in self.messages if m.role == "user")
+
+    @property
+    def ledger(self) -> list[int]:
+        """A copy of the token ids held in the KV cache (empty on a text-level backend)."""
+        return list(self._ledger)
+
+    @property
+    def token_level(self) -> bool:
+        return isinstance(self.backend, TokenBackend)
+
+    @property
+    def busy(self) -> bool:
+        """A turn, a restore or a prefill holds the session."""
+        return self._busy.locked()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The backend's chat template applied to ``messages`` (token-level backends)."""
+        return self.backend.render(messages, add_generation_prompt=add_generation_prompt)
 
     def template_messages(self, extra_user: str | None = None, window_start: int | None = None) -> list[dict]:
         """What the model sees: system prompt (+ memory note), the in-window messages, the new message."""
@@ -129,24 +152,42 @@ class ChatSession:
         The new backend's cache starts empty; the next turn rebuilds it from the transcript.
         """
         with self._busy:
-            self.backend = backend
-            self.ledger.clear()
-            backend.truncate(0)
+            self._use(backend)
             self.sampler = Sampler(self.config.gen)
 
-    def set_generation(self, gen: GenerationConfig) -> None:
-        """New sampling settings, effective from the next turn (a new seed restarts the sampler)."""
+    def configure(self, **changes) -> None:
+        """Settings that apply from the next turn without reloading the model: ``system``, ``kv_cache``,
+        ``ctx``, ``memory``, ``gen`` (a changed ``gen`` restarts the sampler, e.g. for a new seed)."""
+        unknown = set(changes) - {"system", "kv_cache", "ctx", "memory", "gen"}
+        if unknown:
+            raise TypeError(f"not a session setting: {', '.join(sorted(unknown))}")
         with self._busy:
-            self.config.gen = gen
-            self.sampler = Sampler(gen)
+            gen = changes.pop("gen", self.config.gen)
+            for key, value in changes.items():
+                setattr(self.config, key, value)
+            if gen != self.config.gen:
+                self.config.gen = gen
+                self.sampler = Sampler(gen)
+
+    def load_transcript(self, messages: list[Message], *, window_start: int = 0, memory_note: str = "",
+                        system: str | None = None) -> None:  # fmt: skip
+        """Replace the conversation with a saved one (the cache is emptied; ``restore_cache`` or the next
+        turn brings it back)."""
+        with self._busy:
+            self.messages[:] = messages
+            self.window_start = min(window_start, len(messages))
+            self.memory_note = memory_note
+            self.config.system = system
+            self._set_ledger(0)
 
     def cancel(self) -> None:
         """Stop the turn in progress within one token (safe to call from any thread)."""
         self._cancel.set()
 
     def _set_ledger(self, n: int) -> None:
-        self.backend.truncate(n)
-        del self.ledger[n:]
+        if isinstance(self.backend, TokenBackend):
+            self.backend.truncate(n)
+        del self._ledger[n:]
 
     # ------------------------------------------------------------------ a turn
     def turn(self, user_text: str) -> Iterator[Event]:
@@ -159,14 +200,29 @@ class ChatSession:
         if not self._busy.acquire(blocking=False):
             raise TurnInProgress("a turn is already running")
         try:
-            yield from self._turn(user_text)
+            yield from self._turn_impl(user_text)
         finally:
             self._busy.release()
 
-    def _turn(self, user_text: str) -> Iterator[Event]:
-        if not getattr(self.backend, "token_level", True):
-            yield from self._turn_text(user_text)
-            return
+    def _make_room(self, user_text: str, reserve: int) -> MemoryAction:
+        """Run the context policy and apply what it decided (the session owns window, ledger and cache)."""
+        action = plan_room(self, self.config.memory, user_text, reserve, kv_cache=self.config.kv_cache,
+                           complete=self._complete)  # fmt: skip
+        if action.shift is not None:
+            keep, n = action.shift
+            backend = self.backend
+            reason = backend.shift(keep, n) if isinstance(backend, KVShift) else f"the {backend.name} backend cannot edit its cache"
+            if reason is None:
+                del self._ledger[keep : keep + n]
+            else:
+                action.shift_failed(reason)
+        if action.memory_note is not None:
+            self.memory_note = action.memory_note
+        self.window_start = action.new_window_start
+        action.kv_after = len(self._ledger)
+        return action
+
+    def _turn_tokens(self, user_text: str) -> Iterator[Event]:
         backend, gen = self.backend, self.config.gen
         ctx_size = self.ctx_size
         t0 = time.perf_counter()
@@ -175,7 +231,7 @@ class ChatSession:
         reserve = min(gen.max_new_tokens, ctx_size // 4)  # room kept for the reply when making room
         if len(ids) + reserve > ctx_size and self.config.memory != "none" and self.window_start < len(self.messages):
             try:
-                memory = make_room(self, user_text, reserve)
+                memory = self._make_room(user_text, reserve)
             except NoRoom as exc:
                 raise ContextOverflow(f"{exc}; shorten the message") from None
             ids = backend.render(self.template_messages(user_text))
@@ -195,10 +251,10 @@ class ChatSession:
 
         if not self.config.kv_cache:
             self._set_ledger(0)
-        keep = common_prefix(self.ledger, ids)
+        keep = common_prefix(self._ledger, ids)
         if keep == len(ids):  # everything cached: recompute the last token to get its logits
             keep -= 1
-        if keep < len(self.ledger):
+        if keep < len(self._ledger):
             self._set_ledger(keep)
         todo = ids[keep:]
         stats = TurnStats(
@@ -208,10 +264,10 @@ class ChatSession:
             ctx_size=ctx_size,
             device=backend.device,
             dtype=backend.dtype,
-            decode_path=getattr(backend, "decode_path", ""),
+            decode_path=backend.decode_path,
         )
         if memory is not None:
-            memory.kv_after = len(self.ledger)
+            memory.kv_after = len(self._ledger)  # after the crop to what the new window shares with the cache
             stats.memory_action = memory.action
             stats.memory_note = memory.describe()
             stats.evicted_tokens = memory.evicted_tokens
@@ -231,7 +287,7 @@ class ChatSession:
                     break
                 chunk = todo[start : start + PREFILL_CHUNK]
                 logits = backend.forward(chunk)
-                self.ledger.extend(chunk)
+                self._ledger.extend(chunk)
                 stats.prefilled_tokens += len(chunk)
             t_prefill = time.perf_counter()
             stats.prefill_tok_s = stats.prefilled_tokens / max(t_prefill - t_pf0, 1e-9) if stats.prefilled_tokens else None
@@ -252,18 +308,18 @@ class ChatSession:
                 stats.generated_tokens += 1
                 delta = decoder.push(token)
                 if delta:
-                    yield TextDelta(delta, stats.generated_tokens, len(self.ledger), now - t_first)
+                    yield TextDelta(delta, stats.generated_tokens, len(self._ledger), now - t_first)
                 if stats.generated_tokens >= gen.max_new_tokens:
                     finish = "length"
                     break
-                if len(self.ledger) + 1 > ctx_size:
+                if len(self._ledger) + 1 > ctx_size:
                     finish = "context"
                     break
                 if self._cancel.is_set():
                     finish = "cancelled"
                     break
                 logits = backend.forward([token])
-                self.ledger.append(token)
+                self._ledger.append(token)
         except GeneratorExit:
             # The caller stopped listening: the ledger is consistent at every yield, keep the partial reply.
             self._record_reply(decoder, stats, "cancelled", t0, t_first, t_last)
@@ -278,7 +334,7 @@ class ChatSession:
 
         tail = decoder.flush()
         if tail:
-            yield TextDelta(tail, stats.generated_tokens, len(self.ledger), (t_last or t0) - (t_first or t0))
+            yield TextDelta(tail, stats.generated_tokens, len(self._ledger), (t_last or t0) - (t_first or t0))
         reply = self._record_reply(decoder, stats, finish, t0, t_first, t_last)
         yield TurnDone(reply, stats)
 
@@ -310,7 +366,7 @@ class ChatSession:
         self.messages.append(Message("user", user_text))
         stats = TurnStats(turn=turn_no, prompt_tokens=None, reused_tokens=None, prefilled_tokens=None,
                           generated_tokens=None, ctx_used=None, ctx_size=backend.ctx_size, seq_lens=None,
-                          device=backend.device, dtype=backend.dtype)  # fmt: skip
+                          device=backend.device, dtype=backend.dtype, decode_path=backend.decode_path)  # fmt: skip
         parts: list[str] = []
         chunks = 0
         usage = None
@@ -370,24 +426,24 @@ class ChatSession:
         return reply
 
     @torch.inference_mode()
-    def complete(self, ids: list[int], max_new_tokens: int) -> str:
+    def _complete(self, ids: list[int], max_new_tokens: int) -> str:
         """A greedy side generation on this session's backend (e.g. a summary); the ledger stays exact.
 
         The cache is cropped to the common prefix with ``ids``; the next turn re-prefills what it needs.
         """
-        keep = min(common_prefix(self.ledger, ids), len(ids) - 1)
+        keep = min(common_prefix(self._ledger, ids), len(ids) - 1)
         self._set_ledger(keep)
         out: list[int] = []
         try:
             logits = self.backend.forward(ids[keep:])
-            self.ledger.extend(ids[keep:])
+            self._ledger.extend(ids[keep:])
             for _ in range(max_new_tokens):
                 token = int(torch.argmax(logits))
-                if token in self.backend.eos_token_ids or len(self.ledger) + 1 > self.ctx_size:
+                if token in self.backend.eos_token_ids or len(self._ledger) + 1 > self.ctx_size:
                     break
                 out.append(token)
                 logits = self.backend.forward([token])
-                self.ledger.append(token)
+                self._ledger.append(token)
         except BaseException:
             self._set_ledger(0)
             raise
@@ -395,7 +451,7 @@ class ChatSession:
 
     def _fill_memory_stats(self, stats: TurnStats) -> None:
         b = self.backend
-        stats.ctx_used = len(self.ledger)
+        stats.ctx_used = len(self._ledger) if self.token_level else None
         stats.seq_lens = b.seq_lens()
         stats.kv_bytes = b.kv_bytes()
         stats.weights_bytes = b.weights_bytes()
@@ -415,14 +471,14 @@ class ChatSession:
         stays exact). Returns the tokens prefilled; 0 when the backend keeps its own cache or the
         transcript does not fit the window (the next turn's memory policy deals with it).
         """
-        if not getattr(self.backend, "token_level", True):
+        if not self.token_level:
             return 0
         with self._busy:
             msgs = self.template_messages()
             ids = self.backend.render(msgs, add_generation_prompt=False) if msgs else []
             if not self.config.kv_cache or len(ids) + 1 > self.ctx_size:
                 return 0
-            keep = common_prefix(self.ledger, ids)
+            keep = common_prefix(self._ledger, ids)
             self._set_ledger(keep)
             done = 0
             self._cancel.clear()
@@ -433,16 +489,84 @@ class ChatSession:
                             break
                         chunk = ids[start : start + PREFILL_CHUNK]
                         self.backend.forward(chunk)
-                        self.ledger.extend(chunk)
+                        self._ledger.extend(chunk)
                         done += len(chunk)
                         if progress is not None:
-                            progress(len(self.ledger), len(ids))
+                            progress(len(self._ledger), len(ids))
             except BaseException:
                 self._set_ledger(0)
                 raise
             finally:
                 self._cancel.clear()
             return done
+
+    # ------------------------------------------------------------------ KV snapshots (saved sessions)
+    def kv_snapshot(self) -> tuple[list[int], list[tuple]] | None:
+        """The ledger and CPU copies of its keys and values, or None when the backend cannot export them
+        (or the cache is empty / out of step with the ledger)."""
+        backend = self.backend
+        if not isinstance(backend, KVSnapshot):
+            return None
+        with self._busy:
+            n = len(self._ledger)
+            if n == 0 or backend.cached_tokens() != n:
+                return None
+            return list(self._ledger), backend.export_kv(0, n)
+
+    def restore_cache(self, ledger: list[int], load_layers) -> tuple[int, str]:
+        """Fill the cache from a snapshot of ``ledger``: only the prefix that the transcript, rendered now,
+        agrees with. ``load_layers(keep)`` returns every layer's (keys, values) for the first ``keep`` positions.
+        Returns (tokens restored, "ok" or why not); on any mismatch the cache is left empty."""
+        backend = self.backend
+        if not isinstance(backend, KVSnapshot):
+            return 0, f"the {backend.name} backend keeps its own cache"
+        with self._busy:
+            msgs = self.template_messages()
+            rendered = self.render(msgs, add_generation_prompt=False) if msgs else []
+            keep = common_prefix(ledger, rendered)
+            if keep == 0:
+                return 0, "snapshot does not match the transcript"
+            if keep + 1 > self.ctx_size:
+                return 0, "snapshot does not fit the context window"
+            layers = load_layers(keep)
+            self._set_ledger(0)
+            try:
+                backend.import_kv(layers)
+                if backend.cached_tokens() != keep:
+                    raise ValueError("cache length after restore differs")
+            except Exception as exc:  # noqa: BLE001  a cache that refuses the tensors: rebuilt by prefill instead
+                self._set_ledger(0)
+                return 0, f"snapshot did not fit this cache ({type(exc).__name__}: {exc})"
+            self._ledger[:] = ledger[:keep]
+            return keep, "ok"
+
+    @torch.inference_mode()
+    def message_nll(self, text: str) -> float | None:
+        """Mean negative log-likelihood (nats/token) of ``text`` sent as the next user message, given the chat
+        as it stands (the context policy makes room first). None when the backend has no per-position logits."""
+        backend = self.backend
+        if not isinstance(backend, AllLogits):
+            return None
+        with self._busy:
+            ids = self.render(self.template_messages(text))
+            if len(ids) > self.ctx_size:
+                try:
+                    self._make_room(text, 0)
+                except NoRoom:
+                    return None
+                ids = self.render(self.template_messages(text))
+            start = len(self.render(self.template_messages(), add_generation_prompt=False))
+            keep = min(common_prefix(self._ledger, ids), start - 1)
+            self._set_ledger(keep)
+            try:
+                logits = backend.forward_all(ids[keep:])
+                self._ledger.extend(ids[keep:])
+            except BaseException:
+                self._set_ledger(0)
+                raise
+            targets = torch.tensor(ids[start:], device=logits.device)
+            logp = torch.log_softmax(logits[start - 1 - keep : len(ids) - 1 - keep], dim=-1)
+            return float(-logp.gather(1, targets[:, None]).mean())
 
     def run_turn(self, user_text: str) -> TurnDone:
         """Run a turn to completion and return its TurnDone (for scripts and tests)."""

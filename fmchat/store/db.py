@@ -2,9 +2,13 @@
 
 WAL journal (a reader never blocks the writer; a killed process leaves at most its open transaction
 behind, which SQLite rolls back), foreign keys on, a busy timeout so two fmchat processes can share the
-file, and a schema versioned with ``PRAGMA user_version`` (``MIGRATIONS[i]`` takes version i to i+1).
+file, and a schema versioned with ``PRAGMA user_version``: the files in ``upgrades/`` (``NNNN_name.sql``,
+read in number order into ``MIGRATIONS``; ``MIGRATIONS[i]`` takes version i to i+1, see upgrades/README.md).
 A database written by a newer fmchat is refused and left untouched. The file is created 0600; SQLite
 gives its -wal and -shm files the database's permissions.
+
+No torch: standard library, fmchat.errors and the leaf modules here (deleting a session removes its KV snapshot
+through ``files``, not ``kvsnap``).
 """
 
 from __future__ import annotations
@@ -12,60 +16,74 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Self
 
-from fmchat.paths import data_dir
+from fmchat.errors import StoreError, UnknownSession  # one line for the user; CLI exit status 2
 
-DB_NAME = "sessions.db"
+from .files import DB_NAME, default_path, remove_snapshot, touch_private
+from .records import TITLE_CHARS, SessionInfo, SessionRecord, StoredMessage, derive_title, new_id
+
+__all__ = [
+    "BUSY_TIMEOUT_MS", "DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "TITLE_CHARS", "SessionInfo", "SessionRecord",
+    "Store", "StoreError", "StoredMessage", "UnknownSession", "default_path", "derive_title", "load_upgrades",
+    "new_id", "split_statements", "touch_private",
+]  # fmt: skip
+
 BUSY_TIMEOUT_MS = 10_000
-TITLE_CHARS = 60
+UPGRADE_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 
-MIGRATIONS: list[str] = [
-    # 0 -> 1
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        title TEXT NOT NULL,
-        title_set INTEGER NOT NULL DEFAULT 0,       -- 1 once the user renamed it
-        created REAL NOT NULL,                      -- unix seconds
-        updated REAL NOT NULL,
-        model TEXT NOT NULL DEFAULT '',
-        backend TEXT NOT NULL DEFAULT '',
-        settings TEXT NOT NULL DEFAULT '{}',        -- JSON object: the settings the chat ran with
-        system TEXT,                                -- system prompt (NULL: none)
-        window_start INTEGER NOT NULL DEFAULT 0,    -- memory policy: messages before this left the window
-        memory_note TEXT NOT NULL DEFAULT ''        -- memory policy: summary of the dropped turns
-    );
-    CREATE TABLE messages (
-        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,                       -- 0, 1, 2... within the session
-        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-        content TEXT NOT NULL,
-        created REAL NOT NULL,
-        cancelled INTEGER NOT NULL DEFAULT 0,
-        stats TEXT,                                 -- JSON object (TurnStats.to_dict()) or NULL
-        token_ids TEXT,                             -- JSON list of the sampled ids (assistant) or NULL
-        PRIMARY KEY (session_id, seq)
-    );
-    CREATE INDEX sessions_updated ON sessions(updated DESC);
-    """,
-]
+
+def load_upgrades(folder=None) -> list[str]:
+    """The SQL of ``upgrades/NNNN_*.sql`` in number order (element i: version i to i+1), read as package
+    resources so it works from a wheel or a zip (``folder``: another directory, for tests). A misnamed file,
+    a repeated number or a gap is an error."""
+    if folder is None:
+        folder = resources.files(__package__) / "upgrades"
+    found: dict[int, str] = {}
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        m = UPGRADE_NAME.fullmatch(entry.name)
+        if m is None:
+            raise RuntimeError(f"fmchat/store/upgrades/{entry.name}: not named NNNN_name.sql")
+        n = int(m[1])
+        if n in found:
+            raise RuntimeError(f"fmchat/store/upgrades: two files numbered {m[1]}")
+        found[n] = entry.read_text(encoding="utf-8")
+    if sorted(found) != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"fmchat/store/upgrades: not numbered 0001, 0002... without gaps: {sorted(found)}")
+    return [found[n] for n in sorted(found)]
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of an SQL script, each with its ';' (one inside a string, a comment or a trigger body
+    does not end a statement; blank ones are dropped)."""
+    pieces = script.split(";")
+    out: list[str] = []
+    buf = ""
+    for i, piece in enumerate(pieces):
+        buf += piece
+        if i == len(pieces) - 1:
+            break
+        buf += ";"
+        if sqlite3.complete_statement(buf):
+            if buf[:-1].strip():
+                out.append(buf)
+            buf = ""
+    if buf.strip():
+        out.append(buf)  # the last statement may lack its ';'
+    return out
+
+
+MIGRATIONS: list[str] = load_upgrades()
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StoreError(Exception):
-    """The store cannot be used (newer schema, unreadable file...): one line for the user."""
-
-
-class UnknownSession(StoreError):
-    pass
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -84,64 +102,6 @@ def _guarded(fn):
             raise self._error(exc) from None
 
     return wrapper
-
-
-def default_path() -> Path:
-    return data_dir() / DB_NAME
-
-
-def new_id() -> str:
-    return secrets.token_hex(4)
-
-
-def derive_title(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
-
-
-@dataclass
-class StoredMessage:
-    role: str
-    content: str
-    created: float
-    cancelled: bool = False
-    stats: dict | None = None
-    token_ids: list[int] | None = None
-
-
-@dataclass
-class SessionInfo:
-    id: str
-    title: str
-    created: float
-    updated: float
-    model: str
-    backend: str
-    message_count: int
-
-
-@dataclass
-class SessionRecord:
-    id: str
-    title: str
-    created: float
-    updated: float
-    model: str = ""
-    backend: str = ""
-    settings: dict = field(default_factory=dict)
-    system: str | None = None
-    window_start: int = 0
-    memory_note: str = ""
-    title_set: bool = False
-    messages: list[StoredMessage] = field(default_factory=list)
-
-
-def touch_private(path: Path) -> None:
-    """Create ``path`` (and its directory) readable by the user only, before anything writes to it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
-    os.chmod(path, 0o600)
 
 
 class Store:
@@ -214,9 +174,8 @@ class Store:
                         f"the session store {self.path} was written by a newer fmchat (schema version {version})"
                     )
                 for i in range(version, SCHEMA_VERSION):
-                    for stmt in MIGRATIONS[i].split(";"):
-                        if stmt.strip():
-                            self.conn.execute(stmt)
+                    for stmt in split_statements(MIGRATIONS[i]):
+                        self.conn.execute(stmt)
                     self.conn.execute(f"PRAGMA user_version={i + 1}")
                 self.conn.execute("COMMIT")
             except BaseException:
@@ -383,10 +342,8 @@ class Store:
         sid = self.resolve(session_id)
         with self._tx() as c:
             c.execute("DELETE FROM sessions WHERE id=?", (sid,))  # messages go with it (ON DELETE CASCADE)
-        from .kvsnap import snapshot_path
-
         try:
-            snapshot_path(self, sid).unlink(missing_ok=True)
+            remove_snapshot(self.path, sid)  # kv/<id>.* and a kv/<id>/ folder
         except (ValueError, OSError):
             pass  # no snapshot file can exist under an id that is not a file name; a stray file is harmless
         return sid

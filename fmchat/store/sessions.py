@@ -30,8 +30,8 @@ def settings_of(session, spec: str | None = None) -> dict:
     """The settings a chat ran with, as saved beside it."""
     b, c = session.backend, session.config
     return {"model_spec": model_spec(spec),
-        "dtype": getattr(b, "dtype", None), "device": getattr(b, "device", None), "quant": getattr(b, "quant", None),
-        "kernel": getattr(b, "kernel", None), "ctx": c.ctx, "kv_cache": c.kv_cache, "memory": getattr(c, "memory", None),
+        "dtype": b.dtype, "device": b.device, "quant": b.quant, "kernel": b.kernel, "decode_path": b.decode_path,
+        "ctx": c.ctx, "kv_cache": c.kv_cache, "memory": c.memory,
         "max_new_tokens": c.gen.max_new_tokens, "temperature": c.gen.temperature, "top_p": c.gen.top_p, "seed": c.gen.seed,
     }  # fmt: skip
 
@@ -99,11 +99,7 @@ def apply_record(session, rec: SessionRecord) -> list:
     msgs = [
         Message(m.role, m.content, m.cancelled, stats_from_dict(m.stats), list(m.token_ids or [])) for m in rec.messages
     ]
-    session.reset()
-    session.messages[:] = msgs
-    session.window_start = min(rec.window_start, len(msgs))
-    session.memory_note = rec.memory_note
-    session.config.system = rec.system
+    session.load_transcript(msgs, window_start=rec.window_start, memory_note=rec.memory_note, system=rec.system)
     return msgs
 
 
@@ -113,9 +109,8 @@ def rebuild_cache(session, store: Store, session_id: str, progress=None, use_sna
     from . import kvsnap
 
     restored, why = (0, "not used")
-    if use_snapshot and getattr(session.backend, "token_level", True):
-        with session._busy:
-            restored, why = kvsnap.load(store, session_id, session)
+    if use_snapshot and session.token_level:
+        restored, why = kvsnap.load(store, session_id, session)
     prefilled = session.prefill_transcript(progress)
     return {"restored": restored, "prefilled": prefilled, "snapshot": why}
 

@@ -21,17 +21,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from datetime import datetime
 from pathlib import Path
 
-from .db import SessionRecord, StoredMessage
+from .records import ID_RE, SessionRecord, StoredMessage
 
 FORMAT = "fmchat-transcript"
 VERSION = 1
 MAX_IMPORT_BYTES = 50 * 1024 * 1024  # larger files are refused before they are read
 ROLES = ("system", "user", "assistant")
-ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # ids name snapshot files: no path separators, no dots
 
 
 class TranscriptError(ValueError):

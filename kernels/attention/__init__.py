@@ -6,6 +6,9 @@ new tokens. Query ``i`` of row ``b`` sits at absolute position ``seq_lens[b] - n
 attended iff ``j < seq_lens[b]`` and (causal) ``j <= pos`` and (sliding window ``W``) ``j > pos - W``; anything
 stored at or beyond ``seq_lens[b]`` is never read into the result, whatever it holds (NaN, inf, stale tokens).
 ``H_q`` must be a multiple of ``H_kv`` (GQA: query head ``h`` reads kv head ``h // (H_q // H_kv)``).
+
+Installed as ``fmchat_kernels.attention`` (the folder is ``kernels/``). This package never imports ``fmchat``: it
+depends on torch (and triton on GPU) only.
 """
 
 from .core import append_kv, fmc_attention, triton_available

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fmchat import models
+from fmchat.errors import ModelNotFound, UserError
 
-from .base import LoadOptions, LoadReport, ProgressFn, default_threads, no_progress
+from .base import KVShift, LoadReport, ProgressFn, TokenBackend, default_threads, no_progress
+
+if TYPE_CHECKING:
+    from fmchat.config import RunConfig
 
 DEFAULT_CTX_CAP = 8192
 # general.file_type values of llama.cpp's GGUF writer (the common ones)
@@ -23,19 +28,19 @@ FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9:
               12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(TokenBackend, KVShift):
     name = "llamacpp"
     kernel = "llama.cpp"
     quant = "gguf"
 
-    def __init__(self, source: models.ModelSource, options: LoadOptions = LoadOptions(), progress: ProgressFn = no_progress):
+    def __init__(self, source: models.ModelSource, options: RunConfig, progress: ProgressFn = no_progress):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if source.kind != "gguf":
-            raise ValueError(f"the llamacpp backend needs a .gguf model; '{source.name}' is a {source.kind.replace('_', ' ')}")
+            raise UserError(f"the llamacpp backend needs a .gguf model; '{source.name}' is a {source.kind.replace('_', ' ')}")
         if options.device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
-            raise ValueError("--device cuda: this llama-cpp-python build has no GPU offload")
+            raise UserError("--device cuda: this llama-cpp-python build has no GPU offload")
         t0 = time.perf_counter()
         self._llama_cpp = llama_cpp
         gpu_layers = options.gpu_layers if options.device != "cpu" else 0
@@ -57,7 +62,7 @@ class LlamaCppBackend:
                                        n_threads=options.threads or default_threads(), n_gpu_layers=gpu_layers, verbose=False)  # fmt: skip
         template = md.get("tokenizer.chat_template")
         if not template:
-            raise models.ModelNotFound(f"model '{source.name}' has no chat template in its GGUF metadata; fmchat needs a chat model")
+            raise ModelNotFound(f"model '{source.name}' has no chat template in its GGUF metadata; fmchat needs a chat model")
         eos = self.llm.token_eos()
         tokens = dict(
             eos_token=self.llm.detokenize([eos], special=True).decode("utf-8", "replace"),

@@ -7,8 +7,8 @@ Python int and traced as a *symbolic* size (``dynamic=True``): one graph serves 
 work grows with the fill, not with the window.
 
 Everything is inside that one inductor graph: the K/V append (an in-place write of one row of each buffer), the
-attention over the filled rows (``kernels.attention.decode_attention_fused``: broadcasts and sums that inductor
-turns into fused loops converting the cache on the fly), and, with ``--quant int8``, the weight GEMVs (``kernels.quant.int8_gemv``: int8
+attention over the filled rows (``fmchat_kernels.attention.decode_attention_fused``: broadcasts and sums that inductor
+turns into fused loops converting the cache on the fly), and, with ``--quant int8``, the weight GEMVs (``fmchat_kernels.quant.int8_gemv``: int8
 read once, converted in registers). After warm-up, calls skip Dynamo's frame evaluation (``_direct_entry``).
 Prefill stays eager (chunks of many tokens, through ``FmcCache.update``); the host-side fill mirror of the cache
 is advanced after each compiled step.
@@ -29,8 +29,8 @@ import types
 
 import torch
 
-from kernels.attention import decode_attention_fused
-from kernels.quant import float_gemv
+from fmchat_kernels.attention import decode_attention_fused
+from fmchat_kernels.quant import float_gemv
 
 # Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
 # ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
@@ -56,7 +56,7 @@ def step_attention(module, query, key, value, step, scaling, sliding_window):
 
 
 class DecodeLinear(torch.nn.Linear):
-    """``nn.Linear`` whose one-row calls inside the compiled step are ``kernels.quant.float_gemv`` (bf16/fp16
+    """``nn.Linear`` whose one-row calls inside the compiled step are ``fmchat_kernels.quant.float_gemv`` (bf16/fp16
     weights); everything else (eager prefill, fp32 weights, several rows) is ``nn.Linear``'s own forward. Swapped
     in by class (weights, hooks and state dict untouched)."""
 

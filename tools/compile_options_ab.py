@@ -4,7 +4,7 @@ Loads the default model once per variant with ``--compile on`` under different i
 then times greedy decode after prefilling C tokens, every variant in turn within a round (the VM's speed
 moves, so only variants timed side by side are compared). Prints best and median ms per token.
 
-    python docs/profile/compile_options_ab.py VARIANTS_JSON [CONTEXTS] [ROUNDS]
+    python tools/compile_options_ab.py VARIANTS_JSON [CONTEXTS] [ROUNDS]
 
 VARIANTS_JSON is a list of objects: ``name``; ``quant`` (none/int8/int4); ``icfg``: inductor config overrides
 applied while compiling (e.g. ``{"realize_opcount_threshold": 50}``, inductor's CPU default)
@@ -12,7 +12,7 @@ applied while compiling (e.g. ``{"realize_opcount_threshold": 50}``, inductor's 
 ``nomat``: trace without the ``kernels_attention::materialize`` op; ``int8param``: int8 weights as frozen
 parameters instead of buffers; ``llama``: the llama.cpp backend instead. Example (the realize threshold):
 
-    python docs/profile/compile_options_ab.py '[{"name": "default-50", "quant": "int8",
+    python tools/compile_options_ab.py '[{"name": "default-50", "quant": "int8",
         "icfg": {"realize_opcount_threshold": 50}}, {"name": "fmchat", "quant": "int8"},
         {"name": "llama.cpp", "llama": 1}]' 128,1024 3
 """
@@ -26,12 +26,13 @@ import torch
 import torch._dynamo.config as dynamo_config
 import torch._inductor.config as inductor_config
 
-import kernels.attention.fused as fused
-import kernels.quant as quant
-from fmchat import backends
-from fmchat.backends import compiled
+from fmchat.backends.transformers import compiled
 from fmchat.bench.decode import decode_rate, prompt_ids
+from fmchat.config import RunConfig
+from fmchat.conversation import load_backend
 from fmchat.engine.session import set_threads
+from fmchat_kernels import quant
+from fmchat_kernels.attention import fused
 
 
 def int8_as_parameters(on: bool) -> None:
@@ -61,17 +62,16 @@ def main() -> None:
     for v in variants:
         t0 = time.perf_counter()
         if v.get("llama"):
-            opts = backends.LoadOptions(device="cpu", ctx=ctx, threads=torch.get_num_threads())
-            loaded[v["name"]] = backends.load(None, "llamacpp", opts)
+            loaded[v["name"]] = load_backend(RunConfig(backend="llamacpp", device="cpu", ctx=ctx, threads=torch.get_num_threads()))
             continue
         fused.materialize = (lambda x: x.float()) if v.get("nomat") else materialize
         int8_as_parameters(bool(v.get("int8param")))
-        opts = backends.LoadOptions(device="cpu", dtype="bfloat16", ctx=ctx, quant=v.get("quant", "none"), compile="on")
+        config = RunConfig(device="cpu", dtype="bfloat16", ctx=ctx, quant=v.get("quant", "none"), compile="on")
         saved = dict(compiled.INDUCTOR_OPTIONS)  # the options fmchat passes to torch.compile win over globals
         compiled.INDUCTOR_OPTIONS.update(v.get("icfg", {}))
         try:
             with inductor_config.patch(v.get("icfg", {})), dynamo_config.patch(v.get("dcfg", {})):
-                b = loaded[v["name"]] = backends.load(None, "transformers", opts)
+                b = loaded[v["name"]] = load_backend(config)
         finally:
             compiled.INDUCTOR_OPTIONS.clear()
             compiled.INDUCTOR_OPTIONS.update(saved)

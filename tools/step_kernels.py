@@ -4,7 +4,7 @@ Loads the default model with ``--compile on`` (and ``--quant``), prefills C toke
 (best round), then profiles 20 steps with ``torch._inductor.config.cpp.enable_kernel_profile`` and prints ms per
 token per generated kernel and per Python-side item (Dynamo's pre-graph bytecode, the wrapper call).
 
-    python docs/profile/step_kernels.py int8 1024
+    python tools/step_kernels.py int8 1024
 """
 
 import sys
@@ -14,8 +14,9 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import profile
 
-from fmchat import backends
 from fmchat.bench.decode import _prefill, prompt_ids
+from fmchat.config import RunConfig
+from fmchat.conversation import load_backend
 from fmchat.engine.session import set_threads
 
 
@@ -23,8 +24,7 @@ def main() -> None:
     quant, context = sys.argv[1], int(sys.argv[2])
     inductor_config.cpp.enable_kernel_profile = True
     set_threads(None)
-    opts = backends.LoadOptions(device="cpu", dtype="bfloat16", ctx=context + 200, compile="on", quant=quant)
-    b = backends.load(None, "transformers", opts)
+    b = load_backend(RunConfig(device="cpu", dtype="bfloat16", ctx=context + 200, compile="on", quant=quant))
     print(b.compile_status)
     ids = prompt_ids(b.tokenizer, context)
 

@@ -1,41 +1,41 @@
 """The PyTorch/transformers backend: full introspection of weights, KV cache and memory.
 
-GGUF files are converted once to safetensors in the user cache dir (transformers dequantizes them);
-later loads read the converted copy.
+GGUF files are converted once to safetensors (``gguf.py``); the cache is transformers' DynamicCache, or
+fmchat's preallocated FmcCache with ``--kernel fmc`` (``fmc.py``); ``--compile on`` runs the one-token step
+compiled (``compiled.py``). This backend owns its cache and does all the surgery on it: crop, shift
+(``rope.py``), snapshot export and import.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_model
 
-from fmchat import models
-from fmchat.paths import cache_dir
+from fmchat import models, registry
+from fmchat.errors import ModelNotFound, UserError
 
-from .base import LoadOptions, LoadReport, ProgressFn, no_progress
+from ..base import AllLogits, KVShift, KVSnapshot, LoadReport, ProgressFn, TokenBackend, no_progress
+from .gguf import CONVERTED_MARKER, convert_gguf, converted_dir, quiet_transformers
+
+if TYPE_CHECKING:
+    from fmchat.config import RunConfig
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
-CONVERTED_MARKER = "fmchat-converted.json"
-QUANT_SCHEMES = ("none", "bf16", "fp16", "int8", "int4", "log8")  # kernels/quant
 QUANT_INT = ("int8", "int4", "log8")
-KERNELS = ("sdpa", "eager", "fmc")  # transformers' own attention implementations, and fmchat's (backends/fmc.py)
 
 
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available on this machine")
+        raise UserError("--device cuda: no CUDA device is available on this machine")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{device}' (use auto, cpu or cuda)")
+        raise UserError(f"unknown device '{device}' (use auto, cpu or cuda)")
     return device
 
 
@@ -46,74 +46,22 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
             return torch.float16
         return torch.bfloat16
     if dtype not in names:
-        raise ValueError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
+        raise UserError(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)")
     return names[dtype]
 
 
-def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{path.stem}-{digest}"
-
-
-def converted_dir(gguf: Path) -> Path:
-    return cache_dir() / "converted" / _gguf_key(gguf)
-
-
-def _quiet_transformers() -> None:
-    """fmchat reports progress itself: keep transformers' tqdm bars and warnings off the terminal."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter's own tqdm bar ignores the switch above
-
-
-def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
-    """Convert a GGUF file to a safetensors model dir in the cache (once); return that dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = converted_dir(gguf)
-    if (out / CONVERTED_MARKER).is_file():
-        return out
-    progress(f"converting {gguf.name} to safetensors (first load only)", 0.0)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    progress("dequantizing GGUF weights", 0.3)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    progress("writing safetensors", 0.7)
-    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
-    # dequantized tensors with safetensors and the config without the GGUF quantization entry.
-    tmp.mkdir(parents=True)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(str(tmp))
-    model.generation_config.save_pretrained(str(tmp))
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
-    del model
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic: a half-written conversion is never used
-    progress("conversion done", 1.0)
-    return out
-
-
-class TransformersBackend:
+class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
     name = "transformers"
 
-    def __init__(self, source: models.ModelSource, options: LoadOptions = LoadOptions(), progress: ProgressFn = no_progress):
+    def __init__(self, source: models.ModelSource, options: RunConfig, progress: ProgressFn = no_progress):
+        t0 = time.perf_counter()
+        quiet_transformers()
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-        t0 = time.perf_counter()
-        _quiet_transformers()
         self._dev = pick_device(options.device)
         self._dtype = pick_dtype(options.dtype, self._dev)
         self.quant = options.quant
-        if self.quant not in QUANT_SCHEMES:
-            raise ValueError(f"unknown quantization '{self.quant}' (use {', '.join(QUANT_SCHEMES)})")
+        registry.QUANTS.require(self.quant)
         if self.quant in ("bf16", "fp16"):
             self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.quant]
         converted = False
@@ -127,10 +75,9 @@ class TransformersBackend:
         progress("loading tokenizer", None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(weights))
         if not self.tokenizer.chat_template:
-            raise models.ModelNotFound(f"model '{source.name}' has no chat template in its tokenizer; fmchat needs a chat model")
+            raise ModelNotFound(f"model '{source.name}' has no chat template in its tokenizer; fmchat needs a chat model")
         progress(f"loading weights ({self._dtype_name()}, {self._dev})", None)
-        if options.kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel '{options.kernel}' (available: {', '.join(KERNELS)})")
+        registry.KERNELS.require(options.kernel)
         self.kernel = options.kernel
         self.compile_status = "off"  # decode step: "off", "compiled (...)", or "eager: <why compile failed>"
         if options.compile != "off" and self.kernel != "fmc":
@@ -143,8 +90,9 @@ class TransformersBackend:
             str(weights), dtype=torch.float32 if self.quant in QUANT_INT else self._dtype, attn_implementation=self.kernel
         )
         self.model.to(self._dev).eval()
+        self.quant_report = None  # what quantize_model did (kernels/quant), when a scheme was applied
         if self.quant != "none":  # int schemes quantize from the fp32 originals, then cast the rest to dtype
-            from kernels.quant import quantize_model
+            from fmchat_kernels.quant import quantize_model
 
             self.quant_report = quantize_model(self.model, self.quant, rest_dtype=self._dtype, progress=progress)
         self._cache_cls = DynamicCache
@@ -214,7 +162,7 @@ class TransformersBackend:
         """How one-token steps run: "eager", "compiled (...)" or "eager: compile failed (...)"."""
         return "eager" if self.compile_status == "off" else self.compile_status
 
-    # ---------------------------------------------------------------- protocol
+    # ---------------------------------------------------------------- TokenBackend
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -254,6 +202,7 @@ class TransformersBackend:
         )
         return out.logits[0, -1].float()
 
+    # ---------------------------------------------------------------- AllLogits
     @torch.inference_mode()
     def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
         """Like forward, but the logits of every position [n, vocab] (for perplexity)."""
@@ -263,11 +212,12 @@ class TransformersBackend:
                          use_cache=True, cache_position=pos, position_ids=pos.unsqueeze(0))  # fmt: skip
         return out.logits[0].float()
 
+    # ---------------------------------------------------------------- KVShift
     @torch.inference_mode()
     def shift(self, n_keep: int, n_discard: int) -> str | None:
         """Remove cached positions [n_keep, n_keep + n_discard) and re-rotate the later keys to their new
         positions, so nothing is re-prefilled. Returns None when done, or why it cannot be done exactly."""
-        from fmchat.memory.rope import rope_inv_freq, shift_kv
+        from .rope import rope_inv_freq, shift_kv
 
         inv_freq, why = rope_inv_freq(self.model)
         if inv_freq is None:
@@ -291,6 +241,46 @@ class TransformersBackend:
             self.cache.crop_to(total - n_discard)
         return None
 
+    # ---------------------------------------------------------------- KVSnapshot
+    def kv_fingerprint(self) -> dict:
+        import transformers
+
+        weights = Path(self.load_report.weights_dir)
+        files = []
+        if weights.is_dir():
+            for f in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
+                st = f.stat()
+                files.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+        return {
+            "model": self.model_name,
+            "weights_dir": str(weights.resolve()) if weights.exists() else str(weights),
+            "weights_files": hashlib.sha256("|".join(files).encode()).hexdigest()[:16],
+            "dtype": self.dtype,
+            "quant": self.quant,
+            "kernel": self.kernel,
+            "device": self.device,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+
+    def kv_layers(self) -> int:
+        return len(self.cache.layers)
+
+    def export_kv(self, start: int, end: int) -> list[tuple]:
+        out = []
+        for layer in self.cache.layers:
+            k, v = layer.keys, layer.values
+            out.append((k[:, :, start:end].detach().to("cpu").contiguous(), v[:, :, start:end].detach().to("cpu").contiguous()))
+        return out
+
+    def import_kv(self, layers: list[tuple]) -> None:
+        if len(layers) != len(self.cache.layers):
+            raise ValueError(f"{len(layers)} layers for a cache of {len(self.cache.layers)}")
+        dev = self._dev
+        for i, (k, v) in enumerate(layers):
+            self.cache.update(k.to(dev).contiguous(), v.to(dev).contiguous(), i)
+
+    # ---------------------------------------------------------------- costs
     def seq_lens(self) -> list[int]:
         if self.kernel == "fmc":
             return self.cache.seq_lens_list()

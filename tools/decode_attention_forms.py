@@ -4,7 +4,7 @@ SmolLM2-135M's layout: 9 query / 3 kv heads x 64, bf16 cache; the fill is a symb
 length), as in fmchat's compiled step. Prints ms per call for all 30 layers at 128 / 1024 / 4096 cached tokens and
 the largest difference from ``decode_attention_fused`` run eagerly (the form fmchat uses).
 
-    python docs/profile/decode_attention_forms.py fused,bmm,keys_inner,per_kv_head,manual_softmax
+    python tools/decode_attention_forms.py fused,bmm,keys_inner,per_kv_head,manual_softmax
 """
 
 import sys
@@ -13,7 +13,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from kernels.attention.fused import decode_attention_fused, materialize
+from fmchat_kernels.attention.fused import decode_attention_fused, materialize
 
 LAYERS, HQ, HKV, D, LMAX = 30, 9, 3, 64, 4200
 G = HQ // HKV

@@ -1,10 +1,10 @@
 // Hand-written one-row int8 GEMVs over SmolLM2-135M's 211 int8 matrices, for comparison with inductor's
-// (docs/decode.md; docs/profile/int8_gemv_rate.py times inductor's on the same shapes).
+// (docs/decode.md; tools/int8_gemv_rate.py times inductor's on the same shapes).
 //   f32cvt: int8 weights converted to fp32 in registers, fp32 activations, 4 rows at a time (what inductor emits)
 //   vnni:   u8 activations x s8 weights with AVX512-VNNI (vpdpbusd), llama.cpp's approach (activations quantized)
 // Weights and activations are random and the activation quantization is not done here: this only times the
 // weight streaming. Build and run (2 threads; L = layers, HEAD=1 adds the 49152 x 576 output head):
-//   g++ -O3 -march=native -fopenmp docs/profile/int8_gemv_avx512.cpp -o /tmp/gemv && HEAD=1 /tmp/gemv
+//   g++ -O3 -march=native -fopenmp tools/int8_gemv_avx512.cpp -o /tmp/gemv && HEAD=1 /tmp/gemv
 #include <immintrin.h>
 #include <cstdint>
 #include <cstdio>

@@ -1,7 +1,7 @@
 """``--kernel fmc``: fmchat's own attention over a KV cache preallocated for the whole context window.
 
 ``FmcCache`` is a transformers ``Cache`` whose layers hold ``[B, H_kv, ctx, D]`` buffers (model dtype, allocated
-once) and an int32 ``seq_lens`` tensor per layer; new K/V are written in place by ``kernels.attention.append_kv``.
+once) and an int32 ``seq_lens`` tensor per layer; new K/V are written in place by ``fmchat_kernels.attention.append_kv``.
 A host-side mirror of the fill lengths (plain ints, advanced by the known chunk length) answers ``get_seq_length``
 and bounds the kernel's key range, so nothing in the hot path reads a device tensor on the host.
 
@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kernels.attention import append_kv, fmc_attention
+from fmchat_kernels.attention import append_kv, fmc_attention
 
 NAME = "fmc"
 

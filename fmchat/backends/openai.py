@@ -15,43 +15,39 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
-from .base import LoadOptions, LoadReport, ProgressFn, no_progress
+from fmchat.errors import BackendError, UserError
+
+from .base import LoadReport, ProgressFn, StreamPiece, TextBackend, no_progress
+
+if TYPE_CHECKING:
+    from fmchat.config import RunConfig
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 RETRIES = 3
-
-
-class BackendError(RuntimeError):
-    """A server problem, worded for the user. The session is left as it was before the turn."""
-
-
-@dataclass
-class StreamPiece:
-    text: str = ""
-    usage: dict | None = None
-    finish_reason: str | None = None
 
 
 def api_key() -> str | None:
     return os.environ.get("FMCHAT_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-class OpenAIBackend:
+class OpenAIBackend(TextBackend):
     name = "openai"
-    token_level = False
     kernel = "server"
     quant = "server"
     dtype = "server"
 
-    def __init__(self, base_url: str, api_model: str | None = None, options: LoadOptions = LoadOptions(), progress: ProgressFn = no_progress,
-                 timeout: float = 60.0, retries: int = RETRIES, backoff: float = 0.5):  # fmt: skip
+    def __init__(self, options: RunConfig, progress: ProgressFn = no_progress, timeout: float = 60.0, retries: int = RETRIES,
+                 backoff: float = 0.5):  # fmt: skip
         t0 = time.perf_counter()
+        base_url, api_model = options.base_url, options.api_model
+        if not base_url:
+            raise UserError("the openai backend needs a server URL: it needs --base-url, e.g. http://127.0.0.1:8080/v1")
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"--base-url '{base_url}' must start with http:// or https://")
+            raise UserError(f"--base-url '{base_url}' must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         headers = {"Accept": "text/event-stream"}
@@ -189,24 +185,7 @@ class OpenAIBackend:
         if not done and not cancel.is_set():
             raise BackendError(f"{self.base_url} ended the stream without [DONE]; the reply may be incomplete")
 
-    # ---------------------------------------------------------------- protocol bits that apply
-    def seq_lens(self) -> list[int] | None:
-        return None
-
-    def kv_bytes(self) -> int | None:
-        return None
-
-    def weights_bytes(self) -> int | None:
-        return None
-
-    def accelerator_mem_mb(self) -> float | None:
-        return None
-
-    def truncate(self, n: int) -> None:
-        pass  # the server manages its own cache
-
-    def cached_tokens(self) -> int:
-        return 0
-
+    # ---------------------------------------------------------------- what this backend can tell
+    # (KV fill, KV bytes, weights bytes, accelerator memory: the server does not say; Backend's None applies)
     def close(self) -> None:
         self._client.close()

@@ -4,7 +4,7 @@ All 211 int8 matrices of the model (30 layers x q, k, v, o, gate, up, down, plus
 row each, compiled into one function; prints ms per call and GB/s of int8 weights read, for each formulation,
 and the machine's read rate (``sum`` over 512 MiB) for reference.
 
-    python docs/profile/int8_gemv_rate.py fmchat,rows2,rows4
+    python tools/int8_gemv_rate.py fmchat,rows2,rows4
 """
 
 import sys
@@ -14,7 +14,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from fmchat.bench.decode import read_rate_gb_s
-from kernels.quant import int8_gemv
+from fmchat_kernels.quant import int8_gemv
 
 
 def rows(r):  # r output rows per step of the outer loop

@@ -1,0 +1,33 @@
+"""The PyTorch/transformers backend, as a package: ``backend`` (load, render, forward, cache surgery),
+``gguf`` (GGUF -> safetensors conversion), ``fmc`` (fmchat's preallocated KV cache and attention function),
+``compiled`` (the compiled one-token decode step), ``rope`` (RoPE re-rotation for the shift policy).
+
+Importing this package registers its attention kernels, quantizations and decode paths; it does not import
+torch (the backend module does, when a chat loads it).
+"""
+
+from __future__ import annotations
+
+from fmchat import registry
+
+registry.KERNELS.add("sdpa", "sdpa (PyTorch scaled_dot_product_attention)")
+registry.KERNELS.add("eager", "eager (transformers' reference attention)")
+registry.KERNELS.add("fmc", "fmc (fmchat's attention over a preallocated KV cache)")
+
+registry.QUANTS.add("none", "none (the model's weights at the chosen dtype)")
+registry.QUANTS.add("bf16", "bf16 (bfloat16 weights)")
+registry.QUANTS.add("fp16", "fp16 (float16 weights)")
+registry.QUANTS.add("int8", "int8 (per-channel, weight-only)")
+registry.QUANTS.add("int4", "int4 (groups of 32, weight-only)")
+registry.QUANTS.add("log8", "log8 (8-bit logarithmic, weight-only)")
+
+registry.DECODE_PATHS.add("off", "off (eager: one PyTorch call per op)")
+registry.DECODE_PATHS.add("on", "on (torch.compile the one-token step; falls back to eager and says why)")
+
+
+def __getattr__(name: str):
+    if name == "TransformersBackend":
+        from .backend import TransformersBackend
+
+        return TransformersBackend
+    raise AttributeError(name)

@@ -1,0 +1,72 @@
+"""GGUF -> safetensors: a GGUF file is converted once into a model directory in the user cache dir
+(transformers dequantizes it); later loads read the converted copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+from fmchat.paths import cache_dir
+
+from ..base import ProgressFn, no_progress
+
+CONVERTED_MARKER = "fmchat-converted.json"
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{path.stem}-{digest}"
+
+
+def converted_dir(gguf: Path) -> Path:
+    return cache_dir() / "converted" / _gguf_key(gguf)
+
+
+def quiet_transformers() -> None:
+    """fmchat reports progress itself: keep transformers' progress bars and warnings off the terminal.
+    (The GGUF converter's own tqdm bar ignores this switch: fmchat.cli sets TQDM_DISABLE before torch loads.)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
+    """Convert a GGUF file to a safetensors model dir in the cache (once); return that dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted_dir(gguf)
+    if (out / CONVERTED_MARKER).is_file():
+        return out
+    progress(f"converting {gguf.name} to safetensors (first load only)", 0.0)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    progress("dequantizing GGUF weights", 0.3)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    progress("writing safetensors", 0.7)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
+    # dequantized tensors with safetensors and the config without the GGUF quantization entry.
+    tmp.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(tmp))
+    model.generation_config.save_pretrained(str(tmp))
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # atomic: a half-written conversion is never used
+    progress("conversion done", 1.0)
+    return out
+
+

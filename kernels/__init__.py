@@ -1,1 +1,0 @@
-"""fmchat's own compute kernels. This package never imports ``fmchat``: it depends on torch (and triton on GPU) only."""
