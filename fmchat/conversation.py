@@ -21,7 +21,7 @@ from fmchat import backends
 from fmchat.backends.base import Backend, ProgressFn, no_progress
 from fmchat.config import RunConfig
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig, TurnDone, TurnStarted
-from fmchat.engine.events import Event
+from fmchat.engine.events import Event, run_to_done
 from fmchat.engine.session import set_threads
 from fmchat.errors import BackendError, FmchatError, UserError, describe
 
@@ -60,7 +60,7 @@ def session_config(config: RunConfig) -> SessionConfig:
 def describe_load(backend: Backend) -> str:
     """One line saying what was loaded, how, and how long it took."""
     r = backend.load_report
-    how = "converted the GGUF to safetensors, then loaded" if r.converted else "loaded"
+    how = "converted GGUF to safetensors, then loaded" if r.converted else "loaded"
     return (f"{how} {backend.model_name} ({backend.name}, {backend.device}, {backend.dtype}, quant {backend.quant}, "
             f"kernel {backend.kernel}, decode {backend.decode_path}) in {r.seconds:.2f} s")  # fmt: skip
 
@@ -179,12 +179,7 @@ class Conversation:
 
     def run_turn(self, text: str) -> TurnDone:
         """A whole turn (scripts, benchmarks, tests)."""
-        done = None
-        for ev in self.turn(text):
-            if isinstance(ev, TurnDone):
-                done = ev
-        assert done is not None
-        return done
+        return run_to_done(self.turn(text))
 
     def cancel(self) -> None:
         """Stop the reply (or restore prefill) under way within one token or chunk; safe from any thread."""
@@ -260,21 +255,19 @@ class Conversation:
         rec = self.store.get(self.resolve(session_id))
         return rec.settings.get("model_spec") or None
 
-    def open_saved(self, session_id: str) -> Resumed:
+    def open_saved(self, session_id: str, system: str | None = None) -> Resumed:
         """Put a saved conversation into this chat (messages, window, memory note, system prompt) and keep
-        saving to it (unless ``save`` is off). The KV cache is empty until ``rebuild_cache``."""
+        saving to it (unless ``save`` is off). ``system``: a system prompt given now (a flag), which wins over the
+        saved one. The KV cache is empty until ``rebuild_cache``."""
         from fmchat.store import open_session
 
         if self.session is None:
             raise FmchatError("no model is loaded")
         recorder, rec = open_session(self.store, self.resolve(session_id), self.session, spec=self.config.model)
         self.recorder = recorder if self.save else None
-        if self.config.system is not None:  # a system prompt given now wins over the saved one
-            self.session.configure(system=self.config.system)
-        else:
-            self.config = replace(self.config, system=rec.system)
-        if self.save:
-            self._update_saved_settings()
+        if system is not None:
+            self.session.configure(system=system)
+        self.config = replace(self.config, system=self.session.config.system)
         return Resumed(rec.id, rec.title, len(rec.messages), rec.model or "")
 
     def rebuild_cache(self, opened: Resumed, progress: Callable[[int, int], None] | None = None) -> Resumed:
@@ -285,9 +278,9 @@ class Conversation:
         r = rebuild_cache(self.session, self.store, opened.session_id, progress)
         return replace(opened, restored=r["restored"], prefilled=r["prefilled"], snapshot=r["snapshot"])
 
-    def resume(self, session_id: str, progress: Callable[[int, int], None] | None = None) -> Resumed:
+    def resume(self, session_id: str, progress: Callable[[int, int], None] | None = None, system: str | None = None) -> Resumed:
         """``open_saved`` then ``rebuild_cache``."""
-        return self.rebuild_cache(self.open_saved(session_id), progress)
+        return self.rebuild_cache(self.open_saved(session_id, system), progress)
 
     def close(self) -> None:
         if self.session is not None:

@@ -15,9 +15,9 @@ from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 TURNS = ["Hello there.", "Tell me about the sea.", "And the mountains?", "Thanks, one more word."]
 
 
-def _session(model_dir, **load) -> ChatSession:
+def _session(model_dir, loader=load_backend, **load) -> ChatSession:
     opts = dict(device="cpu", dtype="float32", ctx=512, **load)
-    backend = load_backend(RunConfig(model=str(model_dir), **opts))
+    backend = loader(RunConfig(model=str(model_dir), **opts))
     return ChatSession(backend, SessionConfig(gen=GenerationConfig(max_new_tokens=16, temperature=0.0, seed=0)))
 
 
@@ -87,7 +87,10 @@ def test_compiled_step_then_truncate_and_shift(tiny_model, eager_ids):
 
 def test_compile_failure_falls_back_to_eager_and_says_why(tiny_model, eager_ids):
     # a torch.compile backend that does not exist: torch raises, the backend stays eager and reports it
-    s = _session(tiny_model, compile="no-such-compiler")
+    # (handed to the backend factory directly: RunConfig's validation would refuse the value before any load)
+    from fmchat import backends
+
+    s = _session(tiny_model, loader=backends.load, compile="no-such-compiler")
     b = s.backend
     assert b._step is None
     assert b.compile_status.startswith("eager: compile failed (")

@@ -130,7 +130,7 @@ def run(
         config = config.override(model=probe.saved_model(session_id))  # continue on the model it was recorded with
     conv = open_conversation(config, save=save)
     if session_id is not None:
-        r = conv.resume(session_id)
+        r = conv.resume(session_id, system=config.system)  # a --system given now wins over the saved one
         typer.echo(f"session: {r.session_id}", err=True)
         typer.echo(f"[fmchat] resumed {r.messages} messages: {r.restored} tokens from the KV snapshot ({r.snapshot}), "
                    f"{r.prefilled} prefilled", err=True)  # fmt: skip

@@ -48,3 +48,14 @@ class TurnDone:
 
 
 Event = LoadProgress | TurnStarted | TextDelta | TurnDone
+
+
+def run_to_done(events) -> TurnDone:
+    """Drain a turn's events and return its TurnDone (scripts, benchmarks, tests)."""
+    done = None
+    for ev in events:
+        if isinstance(ev, TurnDone):
+            done = ev
+    if done is None:
+        raise RuntimeError("the turn ended without a TurnDone event")
+    return done

@@ -21,7 +21,7 @@ from fmchat.errors import FmchatError, UserError
 from fmchat.tokens import common_prefix
 
 from .detok import StreamDecoder
-from .events import Event, TextDelta, TurnDone, TurnStarted
+from .events import Event, TextDelta, TurnDone, TurnStarted, run_to_done
 from .sampling import GenerationConfig, Sampler
 from .stats import TurnStats, peak_rss_mb, rss_mb
 
@@ -570,12 +570,7 @@ class ChatSession:
 
     def run_turn(self, user_text: str) -> TurnDone:
         """Run a turn to completion and return its TurnDone (for scripts and tests)."""
-        done = None
-        for ev in self.turn(user_text):
-            if isinstance(ev, TurnDone):
-                done = ev
-        assert done is not None
-        return done
+        return run_to_done(self.turn(user_text))
 
 
 def set_threads(n: int | None) -> None:

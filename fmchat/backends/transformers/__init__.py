@@ -15,11 +15,12 @@ registry.KERNELS.add("eager", "eager (transformers' reference attention)")
 registry.KERNELS.add("fmc", "fmc (fmchat's attention over a preallocated KV cache)")
 
 registry.QUANTS.add("none", "none (the model's weights at the chosen dtype)")
-registry.QUANTS.add("bf16", "bf16 (bfloat16 weights)")
-registry.QUANTS.add("fp16", "fp16 (float16 weights)")
-registry.QUANTS.add("int8", "int8 (per-channel, weight-only)")
-registry.QUANTS.add("int4", "int4 (groups of 32, weight-only)")
-registry.QUANTS.add("log8", "log8 (8-bit logarithmic, weight-only)")
+# "cast": the whole model at another dtype; "integer": weight-only codes, quantized from the float32 originals
+registry.QUANTS.add("bf16", "bf16 (bfloat16 weights)", capabilities={"cast"})
+registry.QUANTS.add("fp16", "fp16 (float16 weights)", capabilities={"cast"})
+registry.QUANTS.add("int8", "int8 (per-channel, weight-only)", capabilities={"integer"})
+registry.QUANTS.add("int4", "int4 (groups of 32, weight-only)", capabilities={"integer"})
+registry.QUANTS.add("log8", "log8 (8-bit logarithmic, weight-only)", capabilities={"integer"})
 
 registry.DECODE_PATHS.add("off", "off (eager: one PyTorch call per op)")
 registry.DECODE_PATHS.add("on", "on (torch.compile the one-token step; falls back to eager and says why)")

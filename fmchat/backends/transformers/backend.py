@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from fmchat.config import RunConfig
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
-QUANT_INT = ("int8", "int4", "log8")
-
-
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +59,8 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         self._dtype = pick_dtype(options.dtype, self._dev)
         self.quant = options.quant
         registry.QUANTS.require(self.quant)
-        if self.quant in ("bf16", "fp16"):
+        quant_caps = registry.QUANTS.entry(self.quant).capabilities
+        if "cast" in quant_caps:  # bf16 / fp16: the whole model at that dtype
             self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.quant]
         converted = False
         if source.kind == "gguf":
@@ -87,7 +85,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
 
             register()
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(weights), dtype=torch.float32 if self.quant in QUANT_INT else self._dtype, attn_implementation=self.kernel
+            str(weights), dtype=torch.float32 if "integer" in quant_caps else self._dtype, attn_implementation=self.kernel
         )
         self.model.to(self._dev).eval()
         self.quant_report = None  # what quantize_model did (kernels/quant), when a scheme was applied
