@@ -52,6 +52,7 @@ class RunConfig:
     temperature: float = _f(0.7, "--temperature", help="Sampling temperature; 0 = greedy.", min=0.0, label="Temperature")
     top_p: float = _f(0.95, "--top-p", help="Nucleus sampling.", min=0.0, max=1.0, label="Top-p")
     seed: int | None = _f(None, "--seed", help="Sampling seed (reproducible replies).", label="Seed")
+    kv_snapshot_cap: int = _f(4096, "--kv-snapshot-cap", help="Saved sessions: most MiB of KV snapshots kept on disk; past it the least recently used are dropped (those chats re-prefill on resume).", min=1, label="KV snapshot cap (MiB)")  # fmt: skip
     # the full-screen app
     theme: str = _f(DEFAULT_THEME, "--theme", help="fmchat-dark | fmchat-light | fmchat-high-contrast | a user theme.", scope="app", label="Theme")  # fmt: skip
     show_panel: bool = _f(True, help="Show the inference panel.", scope="app")

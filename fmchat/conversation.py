@@ -232,7 +232,7 @@ class Conversation:
             if snapshot and recorder.session_id is not None:
                 from fmchat.store import kvsnap
 
-                kvsnap.save(self.store, recorder.session_id, self.session)
+                kvsnap.save(self.store, recorder.session_id, self.session, cap_bytes=self.config.kv_snapshot_cap * 2**20)
         except Exception as exc:  # noqa: BLE001  saving must never take the chat down
             if not self._save_warned:
                 self._save_warned = True

@@ -59,7 +59,7 @@ def build_tiny_model(
         tie_word_embeddings=False,
         initializer_range=0.1,  # wider than the default so greedy logits are not all near-ties
     )
-    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**common, **extra)
+    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**{**common, **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(path))

@@ -21,7 +21,7 @@ runner = CliRunner()
 # here would pick e.g. "cuda"; these are the ones to prefer when they are offered).
 PREFERRED = {"quant": "int8", "kernel": "fmc", "compile": "on", "memory": "sliding", "device": "cpu", "dtype": "float32"}
 PLAIN = {"system": "Be brief.", "max_new_tokens": 3, "temperature": 0.25, "top_p": 0.5, "seed": 7, "ctx": 192, "threads": 1,
-         "gpu_layers": 1, "base_url": "http://127.0.0.1:9/v1", "api_model": "other-name", "kv_cache": False}  # fmt: skip
+         "gpu_layers": 1, "base_url": "http://127.0.0.1:9/v1", "api_model": "other-name", "kv_cache": False, "kv_snapshot_cap": 64}  # fmt: skip
 ENTRY_POINTS = {"run": ["run", "--no-save"], "chat --plain": ["chat", "--plain", "--no-save"], "chat": ["chat"], "fmchat": []}
 
 

@@ -545,3 +545,66 @@ def test_delete_removes_every_snapshot_file_of_the_session_and_nothing_else(tmp_
         (tmp_path / "...safetensors").write_text("x")
         assert store.delete("..") == ".."
         assert (tmp_path / "...safetensors").exists() and sorted(kv.iterdir()) == sorted(keep)
+
+
+def _kv_files(kv: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in kv.glob("*.safetensors")} if kv.is_dir() else {}
+
+
+def test_a_4k_token_saved_chat_appends_only_the_new_cells_per_reply(tmp_path, smol_tokenizer):
+    """After each reply the snapshot grows by the new cells only: < 10% of the whole snapshot's bytes at 4k tokens."""
+    from conftest import build_tiny_model
+
+    from fmchat.config import RunConfig
+    from fmchat.conversation import Conversation
+
+    model = build_tiny_model(tmp_path / "tiny-4k", smol_tokenizer, max_position_embeddings=8192)
+    config = RunConfig(model=str(model), device="cpu", dtype="float32", ctx=4600, max_new_tokens=12, temperature=0.0, seed=0)
+    conv = Conversation.open(config, store=tmp_path / "s.db")
+    kv = tmp_path / "kv"
+    long_text = " ".join(["The sea was calm that evening and the boats came home one after another."] * 265)
+    conv.run_turn(long_text)  # ~4k tokens in the cache
+    assert len(conv.session.ledger) >= 4000
+    first = _kv_files(kv)
+    assert sum(size for size, _ in first.values()) > 0
+    for i in range(4):
+        before = _kv_files(kv)
+        conv.run_turn(f"Short question {i}?")
+        after = _kv_files(kv)
+        written = sum(size for name, (size, mtime) in after.items() if before.get(name) != (size, mtime))
+        total = sum(size for size, _ in after.values())
+        assert 0 < written < 0.10 * total, (i, written, total)
+        assert set(before) <= set(after)  # nothing rewritten, one file more
+    sid = conv.session_id
+    ledger = conv.session.ledger
+    conv.close()
+
+    again = Conversation.open(config, store=tmp_path / "s.db", save=False)
+    r = again.resume(sid)
+    # Everything but the last reply's tokens comes from the chain; that reply is re-rendered from its text, whose
+    # tokens may differ from the sampled ones at the end (the reason a reply gets a file of its own).
+    assert r.snapshot == "ok" and r.restored >= len(ledger) - config.max_new_tokens and r.prefilled <= config.max_new_tokens + 2
+    again.close()
+
+
+def test_kv_snapshots_stay_under_their_cap_and_a_dropped_one_says_so(tmp_path, tiny_model):
+    from fmchat.config import RunConfig
+    from fmchat.conversation import Conversation
+
+    config = RunConfig(model=str(tiny_model), device="cpu", dtype="float32", max_new_tokens=8, temperature=0.0, seed=0)
+    db = tmp_path / "s.db"
+    old = Conversation.open(config, store=db)
+    old.run_turn("Tell me about the sea.")
+    one = sum(size for size, _ in _kv_files(tmp_path / "kv").values())
+    assert one > 0
+    # A cap just above one chat's snapshot: the next chat's snapshot pushes the older one out.
+    cap_mib = (one * 1.5) / 2**20
+    newer = Conversation.open(config, store=db)
+    newer.run_turn("Tell me about the sky.")
+    from fmchat.store import kvsnap
+
+    dropped = kvsnap.enforce_cap(newer.store, int(cap_mib * 2**20), keep=newer.session_id)
+    assert dropped == [old.session_id]
+    assert kvsnap.snapshot_bytes(newer.store, newer.session_id) > 0 and kvsnap.snapshot_bytes(newer.store, old.session_id) == 0
+    resumed = Conversation.open(config, store=db, save=False).resume(old.session_id)
+    assert resumed.restored == 0 and resumed.prefilled > 0 and "dropped" in resumed.snapshot and "MiB" in resumed.snapshot

@@ -501,9 +501,10 @@ class ChatSession:
             return done
 
     # ------------------------------------------------------------------ KV snapshots (saved sessions)
-    def kv_snapshot(self) -> tuple[list[int], list[tuple]] | None:
-        """The ledger and CPU copies of its keys and values, or None when the backend cannot export them
-        (or the cache is empty / out of step with the ledger)."""
+    def kv_snapshot(self, saved=None) -> tuple[list[int], int, list[tuple]] | None:
+        """The ledger, and CPU copies of the keys and values of its positions from ``start`` on, where
+        ``start = saved(ledger)`` says how much of this ledger a snapshot already holds (default 0: all of it).
+        None when the backend cannot export its cache (or it is empty / out of step with the ledger)."""
         backend = self.backend
         if not isinstance(backend, KVSnapshot):
             return None
@@ -511,7 +512,9 @@ class ChatSession:
             n = len(self._ledger)
             if n == 0 or backend.cached_tokens() != n:
                 return None
-            return list(self._ledger), backend.export_kv(0, n)
+            ledger = list(self._ledger)
+            start = min(saved(ledger), n) if saved is not None else 0
+            return ledger, start, backend.export_kv(start, n)
 
     def restore_cache(self, ledger: list[int], load_layers) -> tuple[int, str]:
         """Fill the cache from a snapshot of ``ledger``: only the prefix that the transcript, rendered now,
