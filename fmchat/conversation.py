@@ -193,6 +193,11 @@ class Conversation:
         if self.recorder is not None:
             self.recorder.detach()
 
+    def forget_saved(self) -> None:
+        """Stop saving to the current saved session (say, it was deleted): the next message starts a new one."""
+        if self.recorder is not None:
+            self.recorder.detach()
+
     def retry(self) -> str | None:
         """Take back the last exchange; returns the user text to send again (None: nothing to retry)."""
         return None if self.session is None else self.session.pop_last_exchange()

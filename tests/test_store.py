@@ -547,7 +547,7 @@ def test_delete_removes_every_snapshot_file_of_the_session_and_nothing_else(tmp_
         assert (tmp_path / "...safetensors").exists() and sorted(kv.iterdir()) == sorted(keep)
 
 
-def _kv_files(kv: Path) -> dict[str, tuple[int, int]]:
+def _kv_files(kv) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in kv.glob("*.safetensors")} if kv.is_dir() else {}
 
 

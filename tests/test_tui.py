@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
-from rich.text import Text
+import asyncio
 
 from fmchat import settings as settings_mod
-from fmchat.settings import Settings
+from fmchat.config import RunConfig
 from fmchat.tui.app import FmchatApp
-from fmchat.tui.widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
+from fmchat.tui.state import AppState
+from fmchat.tui.widgets.chat import AssistantMessage, ChatInput, ChatView, Note, UserMessage
 from fmchat.tui.widgets.panel import InferencePanel
 
 SIZE = (120, 40)
 HOSTILE = "[bold red]x[/] [link=file:///etc]y[/link] \x1b[2J\x07 [red]z"
 
 
-def tiny_settings(model, **kw) -> Settings:
-    base = dict(model=str(model), device="cpu", dtype="float32", temperature=0.0, seed=0, max_new_tokens=8)
+def tiny_settings(model, **kw) -> RunConfig:
+    base = {"model": str(model), "device": "cpu", "dtype": "float32", "temperature": 0.0, "seed": 0, "max_new_tokens": 8}
     base.update(kw)
-    return Settings(**base)
+    return RunConfig(**base)
 
 
 def screen_text(app) -> str:
@@ -45,6 +45,12 @@ async def send(pilot, text: str) -> None:
     await pilot.press("enter")
 
 
+def streaming(app) -> bool:
+    """A reply is on screen and has text."""
+    current = app.query_one(ChatView).current
+    return current is not None and len(current.text) > 0
+
+
 async def turn_done(pilot, turns: int) -> None:
     app = pilot.app
     await wait_for(
@@ -57,6 +63,9 @@ async def turn_done(pilot, turns: int) -> None:
 
 async def test_launch_chat_stream_and_panel(tiny_model):
     app = FmchatApp(tiny_settings(tiny_model), persist=False)
+    states = []
+    enter = app._enter
+    app._enter = lambda state: (states.append(state), enter(state))  # the app's one state, as it moves
     async with app.run_test(size=SIZE) as pilot:
         # The first frame is up before the model: the input takes text while loading runs in a worker.
         app.query_one(ChatInput).focus()
@@ -100,6 +109,8 @@ async def test_launch_chat_stream_and_panel(tiny_model):
         assert st.reused > 0 and st.ctx_used > first_used
         assert len(st.decode_history) == 2
         assert f"{st.reused} tokens this turn" in screen_text(app)
+        S = AppState
+        assert states == [S.LOADING, S.READY, S.GENERATING, S.READY, S.GENERATING, S.READY], states
 
 
 async def test_escape_cancels_reply_and_app_keeps_running(tiny_model):
@@ -107,7 +118,7 @@ async def test_escape_cancels_reply_and_app_keeps_running(tiny_model):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "Write a very long story")
-        await wait_for(pilot, lambda: app._current is not None and len(app._current.text) > 0, "streaming started")
+        await wait_for(pilot, lambda: streaming(app), "streaming started")
         # Typing stays possible while the reply streams (the UI thread is free).
         await pilot.press(*"next")
         assert app.query_one(ChatInput).text == "next"
@@ -128,17 +139,15 @@ async def test_quit_mid_reply_is_clean(tiny_model):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "Go on and on")
-        await wait_for(pilot, lambda: app._current is not None and len(app._current.text) > 0, "streaming started")
+        await wait_for(pilot, lambda: streaming(app), "streaming started")
         await pilot.press("ctrl+q")
     assert app.return_code in (0, None)
     # The worker saw the cancel: the session is free again and the reply is kept, marked cancelled.
     for _ in range(2000):
-        if not app.session._busy.locked():
+        if not app.session.busy:
             break
-        import time
-
-        time.sleep(0.005)
-    assert not app.session._busy.locked()
+        await asyncio.sleep(0.005)
+    assert not app.session.busy
     assert app.session.messages[-1].cancelled
 
 
@@ -165,7 +174,7 @@ async def test_markup_and_control_characters_are_text(tiny_model):
 
 
 async def test_context_overflow_is_a_message_not_a_crash(tiny_model):
-    app = FmchatApp(tiny_settings(tiny_model, ctx=32, memory_policy="none"), persist=False)
+    app = FmchatApp(tiny_settings(tiny_model, ctx=32, memory="none"), persist=False)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         long = "word " * 200
@@ -194,15 +203,15 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
         screen = app.screen
         # Choices that cannot be used here are listed, disabled, with the reason.
         device = screen.query_one("#set-device", ChoiceSet)
-        cuda = [b for b, c in zip(device.query("RadioButton"), device.choices) if c.value == "cuda"][0]
+        cuda = next(b for b, c in zip(device.query("RadioButton"), device.choices) if c.value == "cuda")
         assert cuda.disabled and "CUDA" in str(cuda.label)
-        policy = screen.query_one("#set-memory_policy", ChoiceSet)
-        sliding = [b for b, c in zip(policy.query("RadioButton"), policy.choices) if c.value == "sliding"][0]
+        policy = screen.query_one("#set-memory", ChoiceSet)
+        sliding = next(b for b, c in zip(policy.query("RadioButton"), policy.choices) if c.value == "sliding")
         sliding.value = True
 
         # Switch kernel to eager (needs a reload), turn the KV cache off, new sampling settings.
         kernel = screen.query_one("#set-kernel", ChoiceSet)
-        eager = [b for b, c in zip(kernel.query("RadioButton"), kernel.choices) if c.value == "eager"][0]
+        eager = next(b for b, c in zip(kernel.query("RadioButton"), kernel.choices) if c.value == "eager")
         eager.value = True
         from textual.widgets import Input, Switch
 
@@ -227,7 +236,7 @@ async def test_settings_apply_reload_keep_transcript_and_persist(tiny_model):
 
     saved = settings_mod.load(path)
     assert saved.kernel == "eager" and saved.kv_cache is False and saved.max_new_tokens == 3
-    assert saved.temperature == 0.5 and saved.model == str(tiny_model) and saved.memory_policy == "sliding"
+    assert saved.temperature == 0.5 and saved.model == str(tiny_model) and saved.memory == "sliding"
 
 
 async def test_settings_reject_bad_values(tiny_model):
@@ -244,7 +253,7 @@ async def test_settings_reject_bad_values(tiny_model):
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert isinstance(app.screen, SettingsScreen)  # still open, with the reason
-        assert "top-p must be between 0 and 1" in str(app.screen.query_one("#settings-error").render())
+        assert "top-p must be at most 1.0" in str(app.screen.query_one("#settings-error").render())
         await pilot.press("escape")
         assert not isinstance(app.screen, SettingsScreen)
         assert app.session.config.gen.top_p == 0.95

@@ -1,22 +1,22 @@
-"""Settings file, options registry, theme files and the CLI's TUI flags (no terminal needed, except one pilot run)."""
+"""Settings file, the choice registries, theme files and the CLI's TUI flags (no terminal needed, except one pilot run)."""
 
 from __future__ import annotations
 
 import pytest
 from typer.testing import CliRunner
 
-from fmchat import options
+from fmchat import registry
 from fmchat import settings as settings_mod
 from fmchat.cli import app as cli_app
+from fmchat.config import CHOICE_FIELDS, RunConfig, choices
 from fmchat.paths import config_dir
-from fmchat.settings import Settings
 from fmchat.tui import themes
 
 
 def test_settings_round_trip_and_overrides(tmp_path):
     path = tmp_path / "settings.toml"
-    assert settings_mod.load(path) == Settings()  # no file: defaults
-    s = Settings(model="phi-3.5", kernel="eager", kv_cache=False, ctx=1024, temperature=0.2, seed=7, system="Be brief.")
+    assert settings_mod.load(path) == RunConfig()  # no file: defaults
+    s = RunConfig(model="phi-3.5", kernel="eager", kv_cache=False, ctx=1024, temperature=0.2, seed=7, system="Be brief.")
     settings_mod.save(s, path)
     assert settings_mod.load(path) == s
     # CLI flags (non-None) win over the file; None leaves the file's value.
@@ -31,26 +31,26 @@ def test_settings_round_trip_and_overrides(tmp_path):
 
 
 def test_settings_validate_reports_each_problem():
-    bad = Settings(backend="nope", top_p=2.0, max_new_tokens=0, memory_policy="forget")
+    bad = RunConfig(backend="nope", top_p=2.0, max_new_tokens=0, memory="forget")
     problems = bad.validate()
     assert any("unknown backend 'nope'" in p for p in problems)
     assert any("top-p" in p for p in problems)
     assert any("max new tokens" in p for p in problems)
     assert any("memory policy 'forget'" in p for p in problems)
-    assert Settings().validate() == []
+    assert RunConfig().validate() == []
 
 
 def test_registry_lists_every_kind_with_reasons():
-    for kind in options.REGISTRY:
-        cs = options.choices(kind)
+    for kind in CHOICE_FIELDS:
+        cs = choices(kind)
         assert cs and cs[0].available  # the first choice (the default path) always works
         for c in cs:
             assert c.available or c.reason, (kind, c)
-    assert options.check("backend", "openai") is None  # selectable; it needs a server URL (checked by Settings)
-    assert "needs a server URL" in Settings(backend="openai").validate()[0]
-    assert Settings(backend="openai", base_url="http://127.0.0.1:9/v1").validate() == []
-    assert "must start with http" in Settings(backend="openai", base_url="ftp://x").validate()[0]
-    assert options.check("backend", "vllm-direct") is not None  # unknown: says which choices exist
+    assert registry.BACKENDS.check("openai") is None  # selectable; it needs a server URL (checked by RunConfig)
+    assert "needs a server URL" in RunConfig(backend="openai").validate()[0]
+    assert RunConfig(backend="openai", base_url="http://127.0.0.1:9/v1").validate() == []
+    assert "must start with http" in RunConfig(backend="openai", base_url="ftp://x").validate()[0]
+    assert registry.BACKENDS.check("vllm-direct") is not None  # unknown: says which choices exist
 
 
 def test_shipped_and_user_themes_load():
@@ -79,7 +79,7 @@ def test_shipped_and_user_themes_load():
         (["--backend", "openai", "--base-url", "ftp://x"], "must start with http"),
         (["--theme", "no-such-theme"], "unknown theme 'no-such-theme'"),
         (["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
-        (["--kernel", "magic"], "unknown kernel 'magic'"),
+        (["--kernel", "magic"], "unknown attention kernel 'magic'"),
     ],
 )
 def test_bad_tui_flags_exit_2_with_one_line(args, message):
@@ -105,7 +105,7 @@ async def test_theme_switch_applies_and_persists_without_cli_flags(tiny_model):
 
     path = settings_mod.settings_path()
     path.unlink(missing_ok=True)
-    file_settings = Settings(device="cpu", dtype="float32")
+    file_settings = RunConfig(device="cpu", dtype="float32")
     # Launched as `fmchat --model TINY --theme fmchat-light`: the flags are not written to the file...
     flags = {"model": str(tiny_model), "theme": "fmchat-light"}
     app = FmchatApp(file_settings.override(**flags), file_settings=file_settings, cli_overrides=flags)

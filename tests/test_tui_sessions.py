@@ -171,3 +171,21 @@ async def test_palette_has_the_session_commands(tiny_model, tmp_path):
         await pilot.pause()
         assert isinstance(app.screen, SessionsScreen) and app.focused.id == "sessions-search"
         assert sid not in [r.id for r in app.screen.rows]
+
+
+async def test_a_store_that_cannot_be_opened_is_a_note_and_the_chat_goes_on_unsaved(tiny_model, tmp_path):
+    db = tmp_path / "sessions.db"
+    db.write_text("not a database, just text long enough to look like a header")
+    app = FmchatApp(tiny_settings(tiny_model, max_new_tokens=2), persist=False, store=db)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.store is None and app.conversation.save is False
+        assert "sessions are not saved: the session store" in notes(app)
+        await send(pilot, "Still here?")
+        await turn_done(pilot, 1)
+        assert app.current_session_id is None  # nothing was saved, and nothing failed
+        assert "could not save" not in notes(app)
+        await pilot.press("f4")
+        await pilot.pause()
+        assert isinstance(app.screen, SessionsScreen) and "sessions are not being saved" in screen_text(app)
+    assert db.read_text().startswith("not a database")

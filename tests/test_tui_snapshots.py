@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from fmchat.settings import Settings
+from fmchat.config import RunConfig
 from fmchat.tui.app import FmchatApp
 
 SIZE = (120, 40)
@@ -27,7 +27,7 @@ def snap_model(tiny_model, tmp_path_factory):
 def make_app(model, monkeypatch) -> FmchatApp:
     # A relative path, so no temporary directory name shows up in the settings pane.
     monkeypatch.chdir(model.parent)
-    s = Settings(model=f"./{model.name}", device="cpu", dtype="float32", temperature=0.0, seed=0, max_new_tokens=8)
+    s = RunConfig(model=f"./{model.name}", device="cpu", dtype="float32", temperature=0.0, seed=0, max_new_tokens=8)
     return FmchatApp(s, persist=False, mask_volatile=True)
 
 
@@ -53,5 +53,15 @@ def test_settings_pane(snap_compare, snap_model, monkeypatch):
         await pilot.press("f2")
         await pilot.pause()
         await settle(pilot)
+        # The pane is generated from RunConfig (many rows): wait until its layout has settled, so the
+        # scrollbar is drawn for the whole form on a slow machine too.
+        form = pilot.app.screen.query_one("#settings-form")
+        sizes = []
+        for _ in range(300):
+            sizes.append(form.virtual_size)
+            if len(sizes) >= 5 and len(set(sizes[-5:])) == 1:
+                break
+            await pilot.pause(0.01)
+        await pilot.pause()
 
     assert snap_compare(make_app(snap_model, monkeypatch), terminal_size=SIZE, run_before=open_settings)

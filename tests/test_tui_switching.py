@@ -7,7 +7,7 @@ import json
 from test_tui import SIZE, ready, screen_text, send, tiny_settings, turn_done, wait_for
 from textual.widgets import Input
 
-from fmchat.settings import Settings
+from fmchat.config import RunConfig
 from fmchat.tui.app import FmchatApp
 from fmchat.tui.screens.settings import ChoiceSet, SettingsScreen
 from fmchat.tui.widgets.chat import Note
@@ -22,7 +22,7 @@ async def open_settings(pilot):
 
 def choose(screen, kind: str, value: str) -> None:
     box = screen.query_one(f"#set-{kind}", ChoiceSet)
-    button = [b for b, c in zip(box.query("RadioButton"), box.choices) if c.value == value][0]
+    button = next(b for b, c in zip(box.query("RadioButton"), box.choices) if c.value == value)
     assert not button.disabled, f"{kind}={value} is disabled: {button.label}"
     button.value = True
 
@@ -40,7 +40,7 @@ def notes(app) -> list[str]:
 
 
 async def test_conversation_moves_from_transformers_to_llamacpp(default_gguf):
-    app = FmchatApp(Settings(device="cpu", temperature=0.0, seed=0, max_new_tokens=12), persist=False)
+    app = FmchatApp(RunConfig(device="cpu", temperature=0.0, seed=0, max_new_tokens=12), persist=False)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         assert app.session.backend.name == "transformers"
@@ -89,7 +89,7 @@ async def test_kernel_and_quant_switches_move_the_numbers(tiny_model):
 
 
 async def test_memory_policy_leaves_a_marker_in_the_chat(tiny_model):
-    app = FmchatApp(tiny_settings(tiny_model, ctx=160, max_new_tokens=16, memory_policy="shift"), persist=False)
+    app = FmchatApp(tiny_settings(tiny_model, ctx=160, max_new_tokens=16, memory="shift"), persist=False)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         for i in range(7):
@@ -103,7 +103,7 @@ async def test_memory_policy_leaves_a_marker_in_the_chat(tiny_model):
         assert "last drop" in screen_text(app)
         screen = await open_settings(pilot)
         screen.query_one("#set-ctx", Input).value = "160"
-        choose(screen, "memory_policy", "none")
+        choose(screen, "memory", "none")
         await pilot.press("ctrl+s")
         await pilot.pause()
         assert app.session.config.memory == "none"

@@ -24,6 +24,7 @@ import os
 import re
 import time
 from contextlib import ExitStack
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -140,7 +141,7 @@ def save(store, session_id: str, session, cap_bytes: int | None = None) -> Path 
     # may tokenize differently at its end, and then only that small file is written again.
     cuts = [start, *([b] if start < (b := _last_prompt_end(session)) < n else []), n]
     path = None
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         tensors: dict[str, torch.Tensor] = {"ledger": torch.tensor(ledger[a:b], dtype=torch.int64)}
         for i, (k, v) in enumerate(layers):
             tensors[f"k.{i}"], tensors[f"v.{i}"] = k[:, :, a - start : b - start], v[:, :, a - start : b - start]

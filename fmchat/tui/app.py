@@ -1,91 +1,53 @@
 """fmchat's full-screen app: chat on the left, what it costs on the right.
 
-Threads: the model loads and every turn runs in Textual thread workers; they talk to the UI only by
-posting messages, so the UI thread never waits on the model. Session methods that take the session's
-lock (reset, replace_backend, set_generation, pop_last_exchange) are only called when no turn runs;
-anything asked for during a turn is cancelled-then-deferred until the turn's worker has finished.
+The app keeps the layout, the key bindings, the screens, and the orchestration of loading, switching and
+restoring; the chat is built and run only through the conversation service (``fmchat.conversation``):
+
+* loading: a thread worker calls ``load_backend`` and posts ``Loaded``/``LoadFailed``; the UI thread then
+  ``attach``-es the backend to the Conversation (the first load builds the chat, later ones switch the
+  backend keeping the transcript);
+* a turn: ``ChatView`` (``widgets/chat.py``) runs ``Conversation.turn`` in its own worker and posts typed
+  messages; the Conversation saves every message as it happens;
+* restoring a saved session: a thread worker calls ``open_saved`` then ``rebuild_cache`` with progress.
+
+Workers talk to the UI only by posting messages, so the UI thread never waits on the model. Everything that
+changes the chat (a new chat, a retry, new settings, opening a session) runs only in ``READY``; asked for in
+another state it is deferred (cancelling a reply first where that is the point) until the app is idle again.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import replace
 from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
+from fmchat import models
 from fmchat import settings as settings_mod
-from fmchat.settings import Settings
+from fmchat.config import RunConfig
+from fmchat.conversation import Conversation, describe_load, load_backend
+from fmchat.errors import FmchatError, describe
 from fmchat.text import neutralize
 
+from .messages import Loaded, LoadFailed, LoadStep, RestoreDone, RestoreStep, SaveWarning, SessionOpened
 from .screens.help import HelpScreen
 from .screens.sessions import ConfirmScreen, RenameScreen, SessionDeleted, SessionsScreen
 from .screens.settings import SettingsScreen
+from .state import IDLE, AppState, check_transition
 from .themes import load_themes
-from .widgets.chat import AssistantMessage, ChatInput, Note, UserMessage
+from .widgets.chat import ChatInput, ChatView, Note, TurnBegan, TurnEnded, TurnFailed, TurnFinished, TurnText
 from .widgets.panel import InferencePanel
 
 PANEL_REFRESH_S = 0.2  # the panel updates 5 times a second while a reply is generated
-
-
-# ------------------------------------------------------------------ messages from worker threads
-class LoadStep(Message):
-    def __init__(self, step: str, fraction: float | None) -> None:
-        super().__init__()
-        self.step, self.fraction = step, fraction
-
-
-class Loaded(Message):
-    def __init__(self, backend, settings: Settings, previous: Settings | None) -> None:
-        super().__init__()
-        self.backend, self.settings, self.previous = backend, settings, previous
-
-
-class LoadFailed(Message):
-    def __init__(self, error: str, settings: Settings, previous: Settings | None) -> None:
-        super().__init__()
-        self.error, self.settings, self.previous = error, settings, previous
-
-
-class TurnEvent(Message):
-    def __init__(self, event) -> None:
-        super().__init__()
-        self.event = event
-
-
-class TurnFailed(Message):
-    def __init__(self, error: str, text: str, before_start: bool) -> None:
-        super().__init__()
-        self.error, self.text, self.before_start = error, text, before_start
-
-
-class TurnEnded(Message):
-    pass
-
-
-class RestoreStep(Message):
-    def __init__(self, done: int, total: int) -> None:
-        super().__init__()
-        self.done, self.total = done, total
-
-
-class RestoreDone(Message):
-    def __init__(self, result: dict | None, error: str | None, seconds: float) -> None:
-        super().__init__()
-        self.result, self.error, self.seconds = result, error, seconds
-
-
-class SaveFailed(Message):
-    def __init__(self, error: str) -> None:
-        super().__init__()
-        self.error = error
 
 
 class FmchatApp(App):
@@ -93,7 +55,7 @@ class FmchatApp(App):
     TITLE = "fmchat"
     SUB_TITLE = "what inference really costs"
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel reply"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+r", "retry", "Retry"),
@@ -110,58 +72,104 @@ class FmchatApp(App):
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        config: RunConfig | None = None,
         *,
         persist: bool = True,
         mask_volatile: bool = False,
-        threads: int | None = None,
-        file_settings: Settings | None = None,
+        file_settings: RunConfig | None = None,
         cli_overrides: dict | None = None,
         session_id: str | None = None,
         store=None,
         save_sessions: bool = True,
     ) -> None:
         super().__init__()
-        # Saved sessions (fmchat.store): every message is committed as it happens; ``store`` is a Store or a
-        # database path (default: the user data dir); ``session_id`` opens that saved chat once the model is up.
-        self.store = store
-        self.save_sessions = save_sessions
-        self.recorder = None
-        self.restoring = False
-        self._resume_id = session_id
-        self._restore_running = False  # the restore worker is prefilling (the session lock is held)
-        self._open_after_restore: str | None = None
-        self._save_warned = False
-        self.settings = settings or Settings()
+        self.settings = config or RunConfig()  # what the user asked for (the chat runs conversation.config)
         # What the config file held, and the CLI flags laid over it: flags are not written back to the file
         # unless the user changes that setting in the app.
         self.file_settings = file_settings
         self.cli_overrides = dict(cli_overrides or {})
         self.persist = persist  # save settings changes to the config file
         self.mask_volatile = mask_volatile  # snapshot tests: hide timings that differ run to run
-        self.threads = threads
-        self.session = None
-        self.loading = False
-        self.generating = False
-        self._after_turn: list[Callable[[], None]] = []
-        self._current: AssistantMessage | None = None
-        self._current_user: UserMessage | None = None
-        self._queued: str | None = None  # a message sent before the first load finished
-        self._sent_at = 0.0
-        self._first_delta_at: float | None = None
-        self.theme_problems: list[str] = []
-        self.load_steps: list[str] = []  # every load/convert step shown, in order (for the curious and for tests)
+        # Saved sessions: ``store`` is a Store or a database path (default: the user data dir); the
+        # Conversation saves every message as it happens. ``session_id`` opens that chat once the model is up.
+        self.store = store
+        self.save_sessions = save_sessions
+        self.conversation: Conversation | None = None  # built when the first load has finished
+        self.state = AppState.STARTING
+        self._resume_id = session_id
+        self._queued: str | None = None  # a message sent while loading or restoring, sent on READY
+        self._deferred: list[Callable[[], None]] = []  # actions waiting for the app to be idle
+        # Every load/convert/restore step shown, in order (for the curious and for tests).
+        self.load_steps: list[str] = []
         loaded = load_themes()
         for theme in loaded.themes:
             self.register_theme(theme)
         self.theme_problems = loaded.problems
+
+    # ------------------------------------------------------------------ state
+    def _enter(self, new: AppState) -> None:
+        self.state = check_transition(self.state, new)
+        if new in IDLE:
+            self._hide_status()
+            self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        """Run what waited for the app to be idle: deferred actions first, then a queued message."""
+        while self._deferred and self.state in IDLE:
+            self._deferred.pop(0)()
+        if self.state is AppState.READY and self._queued is not None:
+            text, self._queued = self._queued, None
+            self.send(text)
+
+    def _defer(self, fn: Callable[[], None], why: str, *, cancel: bool = False) -> None:
+        """Run ``fn`` once the app is idle; ``cancel``: stop the reply (or restore) under way first."""
+        self._deferred.append(fn)
+        if cancel and self.conversation is not None:
+            self.conversation.cancel()
+            self.notify(f"cancelling the {'restore' if self.restoring else 'reply'} to {why}")
+        else:
+            self.notify(f"waiting for the {self.state.value} to finish to {why}")
+
+    @property
+    def loading(self) -> bool:
+        return self.state in (AppState.LOADING, AppState.SWITCHING)
+
+    @property
+    def generating(self) -> bool:
+        return self.state is AppState.GENERATING
+
+    @property
+    def restoring(self) -> bool:
+        return self.state is AppState.RESTORING
+
+    @property
+    def ready(self) -> bool:
+        """A chat is loaded and idle: a message goes out now."""
+        return self.state is AppState.READY
+
+    @property
+    def session(self):
+        """The engine's ChatSession (None before the first load)."""
+        return None if self.conversation is None else self.conversation.session
+
+    @property
+    def current_session_id(self) -> str | None:
+        return None if self.conversation is None else self.conversation.session_id
+
+    @property
+    def chat(self) -> ChatView:
+        return self.query_one("#chat", ChatView)
+
+    @property
+    def panel(self) -> InferencePanel:
+        return self.query_one(InferencePanel)
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False, icon="≡")
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
-                yield VerticalScroll(id="chat", can_focus=True)
+                yield ChatView(id="chat", can_focus=True)
                 with Horizontal(id="load-status"):
                     yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="load-bar")
                     yield Static("", id="load-step", markup=False)
@@ -175,40 +183,30 @@ class FmchatApp(App):
         self.theme_changed_signal.subscribe(self, self._theme_changed)
         for problem in self.theme_problems:
             self.note(problem, "error")
-        chat = self.query_one("#chat", VerticalScroll)
-        chat.anchor()  # follow new text while the view is at the bottom; scrolling up releases it
-        panel = self.query_one(InferencePanel)
-        panel.display = self.settings.show_panel
-        self._set_running_state()
-        panel.sample_memory()
-        panel.refresh_state()
+        self.panel.display = self.settings.show_panel
+        self.refresh_panel()
         self.set_interval(PANEL_REFRESH_S, self._tick)
         self.query_one(ChatInput).focus()
         self._open_store()
-        self.start_load(self.settings, previous=None)
+        self.start_load(self.settings)
 
     def _open_store(self) -> None:
-        from fmchat.store import Store, StoreError
+        """Open the session store; one that cannot be opened is a note, and the chat goes on unsaved."""
+        from fmchat.store import Store
 
         if not self.save_sessions:
             self.store = None
             return
-        if self.store is None or not isinstance(self.store, Store):
+        if not isinstance(self.store, Store):
             try:
                 self.store = Store(self.store)
-            except StoreError as exc:
+            except Exception as exc:  # noqa: BLE001  a newer schema, an unreadable file...: chat unsaved
                 self.store = None
-                self.note(f"sessions are not saved: {exc}", "error")
+                self.note(f"sessions are not saved: {describe(exc)}", "error")
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def ready(self) -> bool:
-        return self.session is not None and not self.loading
-
     def note(self, text: str, kind: str = "info") -> Note:
-        n = Note(text, kind)
-        self.query_one("#chat", VerticalScroll).mount(n)
-        return n
+        return self.chat.note(text, kind)
 
     def save_settings(self) -> None:
         if not self.persist:
@@ -228,337 +226,186 @@ class FmchatApp(App):
             self.settings.theme = theme.name
             self.save_settings()
 
-    def _set_running_state(self) -> None:
-        s, st = self.settings, self.query_one(InferencePanel).state
-        st.quant = s.quant
-        st.kv_cache = s.kv_cache
-        st.memory_policy = s.memory_policy
-        if self.session is not None:
-            b = self.session.backend
-            st.model, st.backend, st.device, st.dtype = b.model_name, b.name, b.device, b.dtype
-            st.kernel = getattr(b, "kernel", s.kernel)
-            st.kv_cache = self.session.config.kv_cache
+    def _show_status(self, text: str) -> None:
+        self.query_one("#load-status").display = True
+        self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
+        self.query_one("#load-step", Static).update(Text(neutralize(text)))
+
+    def _hide_status(self) -> None:
+        self.query_one("#load-status").display = False
+
+    def _step(self, text: str, done: float | None, total: float = 1.0) -> None:
+        self.load_steps.append(text)
+        bar = self.query_one("#load-bar", ProgressBar)
+        if done is None:
+            bar.update(total=None)
         else:
-            st.model = s.model or "smollm2-135m"
-            st.backend, st.kernel = s.backend, s.kernel
+            bar.update(total=total, progress=done)
+        self.query_one("#load-step", Static).update(Text(neutralize(text)))
 
-    def _set_memory_policy(self, policy: str) -> None:
-        if self.session is not None and hasattr(self.session.config, "memory"):
-            self.session.config.memory = policy
-
-    def _fill_from_stats(self, stats) -> None:
-        st = self.query_one(InferencePanel).state
-        st.ctx_used, st.ctx_size = stats.ctx_used, stats.ctx_size
-        st.seq_lens = None if stats.seq_lens is None else list(stats.seq_lens)
-        st.kv_bytes, st.weights_bytes, st.gpu_mem_mb = stats.kv_bytes, stats.weights_bytes, stats.gpu_mem_mb
-        st.rss_mb, st.peak_rss_mb = stats.rss_mb, stats.peak_rss_mb
-
-    def refresh_panel_from_session(self) -> None:
-        panel = self.query_one(InferencePanel)
-        if self.session is not None and not self.generating:
-            self._fill_from_stats(self.session.snapshot_stats())
-        self._set_running_state()
-        panel.refresh_state()
+    def refresh_panel(self) -> None:
+        """The panel from the chat's stats record (between turns) and what is loaded; the setup only while a
+        worker holds the chat."""
+        conv = self.conversation
+        if conv is None:
+            self.panel.show(None, None, self.settings)
+            return
+        busy = self.state in (AppState.GENERATING, AppState.RESTORING)
+        self.panel.show(None if busy else conv.session.snapshot_stats(), conv.backend, conv.config)
 
     def _tick(self) -> None:
         if self.generating:
-            panel = self.query_one(InferencePanel)
-            panel.sample_memory()
-            panel.refresh_state()
-
-    def _defer(self, fn: Callable[[], None], why: str) -> None:
-        """Run ``fn`` once the running turn has stopped (cancelling it now)."""
-        self._after_turn.append(fn)
-        if self.session is not None:
-            self.session.cancel()
-        self.notify(f"cancelling the reply to {why}")
+            self.panel.sample_memory()
+            self.panel.refresh_state()
 
     # ------------------------------------------------------------------ loading
-    def start_load(self, settings: Settings, previous: Settings | None) -> None:
-        self.loading = True
-        status = self.query_one("#load-status")
-        status.display = True
-        self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
-        self.query_one("#load-step", Static).update(Text(f"loading {settings.model or 'smollm2-135m'}…"))
-        self._load_worker(settings, previous)
+    def start_load(self, config: RunConfig, previous: RunConfig | None = None) -> None:
+        """Load ``config``'s backend in a worker: the first chat (LOADING), or a switch (SWITCHING)."""
+        self._enter(AppState.SWITCHING if self.conversation is not None else AppState.LOADING)
+        self._show_status(f"loading {config.model or models.DEFAULT_MODEL}…")
+        self._load_worker(config, previous)
 
     @work(thread=True, exclusive=True, group="load")
-    def _load_worker(self, settings: Settings, previous: Settings | None) -> None:
-        from fmchat import backends, models
-        from fmchat.backends.openai_backend import BackendError
-
-        if self.threads:
-            from fmchat.engine.session import set_threads
-
-            set_threads(self.threads)
-
+    def _load_worker(self, config: RunConfig, previous: RunConfig | None) -> None:
         def progress(step: str, fraction: float | None = None) -> None:
             self.post_message(LoadStep(step, fraction))
 
-        from fmchat.options import engine_has_quant
-
-        extra = {"quant": settings.quant} if engine_has_quant() else {}
-        opts = backends.LoadOptions(
-            device=settings.device, dtype=settings.load_dtype, ctx=settings.ctx, kernel=settings.kernel,
-            base_url=settings.base_url, api_model=settings.api_model, **extra,
-        )  # fmt: skip
         try:
-            backend = backends.load(settings.model, settings.backend, opts, progress)
-        except (models.ModelNotFound, backends.UnknownBackend, BackendError, ValueError) as exc:
-            self.post_message(LoadFailed(str(exc), settings, previous))
+            backend = load_backend(config, progress)
+        except Exception as exc:  # noqa: BLE001  FmchatError, or a bug: a message on screen, never a traceback
+            self.post_message(LoadFailed(describe(exc), config, previous))
             return
-        except Exception as exc:  # anything else is still a message on screen, never a traceback
-            self.post_message(LoadFailed(f"{type(exc).__name__}: {exc}", settings, previous))
-            return
-        self.post_message(Loaded(backend, settings, previous))
+        self.post_message(Loaded(backend, config))
 
     def on_load_step(self, msg: LoadStep) -> None:
-        self.load_steps.append(msg.step)
-        bar = self.query_one("#load-bar", ProgressBar)
-        if msg.fraction is None:
-            bar.update(total=None)
-        else:
-            bar.update(total=1.0, progress=msg.fraction)
-        self.query_one("#load-step", Static).update(Text(neutralize(msg.step)))
+        self._step(msg.step, msg.fraction)
 
     def on_loaded(self, msg: Loaded) -> None:
-        from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
-
-        s = msg.settings
-        backend = msg.backend
-        if self.session is None:
-            gen = GenerationConfig(s.max_new_tokens, s.temperature, s.top_p, s.seed)
-            self.session = ChatSession(backend, SessionConfig(system=s.system, kv_cache=s.kv_cache, ctx=s.ctx, gen=gen))
-            self._set_memory_policy(s.memory_policy)
-            if self.store is not None:
-                from fmchat.store import Recorder
-
-                self.recorder = Recorder(self.store, spec=s.model)
-                if self._resume_id is not None:
-                    sid, self._resume_id = self._resume_id, None
-                    self.restoring = True  # a message typed meanwhile waits for the restore
-                    self.call_later(self.open_saved, sid)
-        else:
-            self.session.replace_backend(backend)
-            self.session.config.ctx = s.ctx
-            if self.recorder is not None:
-                self.recorder.spec = s.model
-                try:
-                    self.recorder.update_settings(self.session)
-                except Exception as exc:
-                    self.note(f"could not save the session settings: {exc}", "error")
-        self.loading = False
-        self.query_one("#load-status").display = False
-        r = backend.load_report
-        how = "converted the GGUF, then loaded" if r.converted else "loaded"
-        secs = "masked s" if self.mask_volatile else f"{r.seconds:.2f} s"
-        kernel = getattr(backend, "kernel", s.kernel)
-        self.note(f"{how} {backend.model_name} ({backend.name}, {backend.device}, {backend.dtype}, {kernel}) in {secs}")
-        if msg.previous is not None and self.session.messages:
+        switched = self.conversation is not None
+        if not switched:
+            self.conversation = Conversation(msg.config, store=self.store, save=self.store is not None,
+                                             warn=lambda text: self.post_message(SaveWarning(text)))  # fmt: skip
+        self.conversation.attach(msg.backend, msg.config)  # a switch keeps the transcript
+        line = describe_load(msg.backend)
+        if self.mask_volatile:
+            line = re.sub(r"in [0-9.]+ s$", "in masked s", line)
+        self.note(line)
+        if switched and self.session.messages:
             self.note("the conversation carries on: the next turn rebuilds the KV cache from the transcript")
         self.save_settings()
-        self.refresh_panel_from_session()
-        if self._queued is not None and not self.restoring:
-            text, self._queued = self._queued, None
-            self.send(text)
+        if not switched and self._resume_id is not None:
+            sid, self._resume_id = self._resume_id, None
+            if self._start_restore(sid):
+                self.refresh_panel()
+                return
+        self._enter(AppState.READY)
+        self.refresh_panel()
 
     def on_load_failed(self, msg: LoadFailed) -> None:
-        self.loading = False
-        if self._queued is not None:
-            self.query_one(ChatInput).text, self._queued = self._queued, None
-        self.query_one("#load-status").display = False
-        if msg.previous is not None:
-            self.settings = msg.previous  # keep running what worked
+        if self.conversation is not None:
+            if msg.previous is not None:
+                self.settings = msg.previous  # keep running what worked
             self.note(f"could not load: {msg.error}; still running the previous model", "error")
+            self._enter(AppState.READY)
         else:
+            if self._queued is not None:
+                self.query_one(ChatInput).text, self._queued = self._queued, None
             self.note(f"could not load the model: {msg.error}. Open the settings (F2) to pick another.", "error")
-        self.refresh_panel_from_session()
+            self._enter(AppState.NO_MODEL)
+        self.refresh_panel()
 
     # ------------------------------------------------------------------ chatting
     @on(ChatInput.Submitted)
     def _on_submit(self, msg: ChatInput.Submitted) -> None:
-        if self.restoring and not self.loading and self._queued is None:
+        state = self.state
+        if state is AppState.READY:
+            self.query_one(ChatInput).clear()
+            self.send(msg.text)
+        elif state in (AppState.STARTING, AppState.LOADING, AppState.RESTORING) and self._queued is None:
             self._queued = msg.text
             self.query_one(ChatInput).clear()
-            self.note("the session is being restored: your message goes out as soon as it is ready")
-            return
-        if self.loading and self.session is None and self._queued is None:
-            # First load still running: keep the message and send it as soon as the model is ready.
-            self._queued = msg.text
-            self.query_one(ChatInput).clear()
-            self.note("the model is still loading: your message goes out as soon as it is ready")
-            return
-        if self.loading or self.session is None:
-            self.notify("the model is not loaded yet" if self.loading else "no model loaded: open the settings (F2)", severity="warning")
-            return
-        if self.generating:
+            why = "the session is being restored" if state is AppState.RESTORING else "the model is still loading"
+            self.note(f"{why}: your message goes out as soon as it is ready")
+        elif state is AppState.GENERATING:
             self.notify("a reply is being generated: wait, or press Escape to cancel it", severity="warning")
-            return
-        self.query_one(ChatInput).clear()
-        self.send(msg.text)
+        elif state is AppState.NO_MODEL:
+            self.notify("no model loaded: open the settings (F2)", severity="warning")
+        else:
+            self.notify(f"the app is {state.value}: send again when it is ready", severity="warning")
 
     def send(self, text: str) -> None:
-        chat = self.query_one("#chat", VerticalScroll)
-        self._current_user = UserMessage(text)
-        self._current = AssistantMessage(self.session.backend.model_name)
-        chat.mount(self._current_user)
-        chat.mount(self._current)
-        chat.anchor()
-        self.generating = True
-        self._sent_at = time.monotonic()
-        self._first_delta_at = None
-        st = self.query_one(InferencePanel).state
-        st.generating, st.live_tok_s, st.ttft_ms, st.prefill_tok_s = True, None, None, None
-        self._turn_worker(text)
+        """Run a turn (READY only)."""
+        self._enter(AppState.GENERATING)
+        self.panel.state.generating = True
+        self.chat.start_turn(self.conversation, text)
 
-    @work(thread=True, group="turn")
-    def _turn_worker(self, text: str) -> None:
-        from fmchat.engine import ContextOverflow, EmptyPrompt, TurnDone, TurnInProgress, TurnStarted
+    def on_turn_began(self, msg: TurnBegan) -> None:
+        self.panel.turn_started(msg.event)
 
-        started = False
-        done = False
-        try:
-            for ev in self.session.turn(text):
-                started = True
-                if isinstance(ev, (TurnStarted, TurnDone)):
-                    self._autosave()  # the user message before generation; the reply when it ends
-                    done = done or isinstance(ev, TurnDone)
-                self.post_message(TurnEvent(ev))
-        except (ContextOverflow, EmptyPrompt, TurnInProgress) as exc:
-            self.post_message(TurnFailed(str(exc), text, before_start=not started))
-        except Exception as exc:  # shown in the chat, never as a traceback
-            self.post_message(TurnFailed(f"{type(exc).__name__}: {exc}", text, before_start=not started))
-        finally:
-            self._autosave(snapshot=done)
-            self.post_message(TurnEnded())
+    def on_turn_text(self, msg: TurnText) -> None:
+        self.panel.turn_progress(msg.event, msg.ttft_ms)
 
-    def _autosave(self, snapshot: bool = False) -> None:
-        """Commit what changed in the conversation (worker thread); after a reply, the KV snapshot too."""
-        if self.recorder is None or self.session is None:
-            return
-        try:
-            self.recorder.sync(self.session)
-            if snapshot and self.recorder.session_id is not None:
-                from fmchat.store import kvsnap
+    def on_turn_finished(self, msg: TurnFinished) -> None:
+        stats = msg.event.stats
+        conv = self.conversation
+        self.panel.turn_finished(stats, conv.backend, conv.config)
+        if stats.memory_note:
+            self.note(f"memory policy '{conv.config.memory}': {stats.memory_note}")
 
-                kvsnap.save(self.store, self.recorder.session_id, self.session)
-        except Exception as exc:
-            if not self._save_warned:
-                self._save_warned = True
-                self.post_message(SaveFailed(f"{type(exc).__name__}: {exc}"))
-
-    def on_save_failed(self, msg: SaveFailed) -> None:
-        self.note(f"could not save the session: {msg.error}", "error")
-
-    async def on_turn_event(self, msg: TurnEvent) -> None:
-        from fmchat.engine import TextDelta, TurnDone, TurnStarted
-
-        ev = msg.event
-        panel = self.query_one(InferencePanel)
-        st = panel.state
-        if isinstance(ev, TurnStarted):
-            st.reused, st.prefilled, st.ctx_size = ev.reused_tokens, ev.prefill_tokens, ev.ctx_size
-        elif isinstance(ev, TextDelta):
-            if self._first_delta_at is None:
-                self._first_delta_at = time.monotonic()
-                st.ttft_ms = (self._first_delta_at - self._sent_at) * 1000  # live estimate; the engine's figure follows
-            st.ctx_used = ev.ctx_used
-            if ev.ctx_used is not None and st.seq_lens is not None:
-                st.seq_lens = [ev.ctx_used]  # batch of one: the row's fill is the context used
-            if ev.generated and ev.elapsed_s and ev.elapsed_s > 0 and ev.generated > 1:
-                st.live_tok_s = (ev.generated - 1) / ev.elapsed_s
-            if self._current is not None:
-                await self._current.write(ev.text)
-        elif isinstance(ev, TurnDone):
-            stats = ev.stats
-            self._fill_from_stats(stats)
-            st.reused, st.prefilled = stats.reused_tokens, stats.prefilled_tokens
-            st.ttft_ms = stats.ttft_ms or None  # 0 = no token came: unavailable, not zero
-            st.prefill_tok_s = stats.prefill_tok_s
-            st.live_tok_s = stats.decode_tok_s
-            if stats.decode_tok_s is not None:
-                st.decode_history.append(stats.decode_tok_s)
-            st.generating = False
-            if self._current is not None:
-                await self._current.finish(stats)
-            if getattr(stats, "memory_note", ""):
-                self.note(f"memory policy '{self.settings.memory_policy}': {stats.memory_note}")
-                st.memory_last = f"turn {stats.turn}: {stats.memory_note}"
-            panel.refresh_state()
-
-    async def on_turn_failed(self, msg: TurnFailed) -> None:
+    def on_turn_failed(self, msg: TurnFailed) -> None:
         if msg.before_start:
-            # Nothing changed in the session: take the exchange off the screen and give the text back.
-            for w in (self._current_user, self._current):
-                if w is not None:
-                    await w.remove()
-            self._current = self._current_user = None
+            # Nothing changed in the chat (the view took the exchange off the screen): give the text back.
             inp = self.query_one(ChatInput)
             if not inp.text:
                 inp.text = msg.text
-            policy = (
-                f" (memory policy '{self.settings.memory_policy}': start a new chat with Ctrl+N, or pick another policy in F2)"
-                if "context window" in msg.error
-                else ""
-            )
+            policy = ""
+            if msg.context_full:
+                memory = self.conversation.config.memory
+                policy = f" (memory policy '{memory}': start a new chat with Ctrl+N, or pick another policy in F2)"
             self.note(f"not sent: {msg.error}{policy}", "error")
         else:
-            if self._current is not None:
-                await self._current.finish(None, note="stopped by an error")
             self.note(f"error during the reply: {msg.error}", "error")
 
     def on_turn_ended(self, msg: TurnEnded) -> None:
-        self.generating = False
-        self.query_one(InferencePanel).state.generating = False
-        self._current = self._current_user = None
-        self.refresh_panel_from_session()
-        pending, self._after_turn = self._after_turn, []
-        for fn in pending:
-            fn()
+        self.panel.state.generating = False
+        self._enter(AppState.READY)
+        self.refresh_panel()
+
+    def on_save_warning(self, msg: SaveWarning) -> None:
+        self.note(msg.error, "error")
 
     # ------------------------------------------------------------------ actions
     def action_cancel(self) -> None:
-        if (self.generating or self.restoring) and self.session is not None:
-            self.session.cancel()
+        if self.state in (AppState.GENERATING, AppState.RESTORING):
+            self.conversation.cancel()
         elif self.loading:
             self.notify("the model is loading; it cannot be cancelled half-way", severity="warning")
 
     def action_new_chat(self) -> None:
         if self.generating:
-            self._defer(self.action_new_chat, "start a new chat")
+            self._defer(self.action_new_chat, "start a new chat", cancel=True)
             return
         if self.restoring:
             self.notify("the session is being restored: press Escape to stop it first", severity="warning")
             return
-        if self.session is not None:
-            self.session.reset()
-        if self.recorder is not None:
-            self.recorder.detach()  # the next message starts a new saved session
-        self.query_one("#chat", VerticalScroll).remove_children()
-        st = self.query_one(InferencePanel).state
-        st.reused = st.prefilled = st.memory_last = None
+        if self.conversation is not None:
+            self.conversation.new_chat()  # the next message starts a new saved session
+        self.chat.clear()
+        self.panel.clear_turn()
         self.note("new chat")
-        self.refresh_panel_from_session()
+        self.refresh_panel()
 
-    async def action_retry(self) -> None:
+    def action_retry(self) -> None:
         if self.generating:
-            self._defer(lambda: self.run_worker(self.action_retry()), "retry")
+            self._defer(self.action_retry, "retry", cancel=True)
             return
         if not self.ready:
             return
-        text = self.session.pop_last_exchange()
+        text = self.conversation.retry()
         if text is None:
             self.notify("nothing to retry yet")
             return
-        users = list(self.query(UserMessage))
-        if users:
-            last = users[-1]
-            chat = self.query_one("#chat", VerticalScroll)
-            after = False
-            for child in list(chat.children):
-                after = after or child is last
-                if after:
-                    await child.remove()
+        self.chat.drop_last_exchange()
         self.send(text)
 
     def action_copy_reply(self) -> None:
@@ -572,7 +419,7 @@ class FmchatApp(App):
         self.notify(f"copied the last reply ({len(replies[-1].content)} characters)")
 
     def action_toggle_panel(self) -> None:
-        panel = self.query_one(InferencePanel)
+        panel = self.panel
         panel.display = not panel.display
         self.settings.show_panel = bool(panel.display)
         self.save_settings()
@@ -583,50 +430,51 @@ class FmchatApp(App):
 
     def action_settings(self) -> None:
         if not isinstance(self.screen, SettingsScreen):
-            self.push_screen(SettingsScreen(self.settings), self.apply_settings)
+            self.push_screen(SettingsScreen(self.settings, check=self._check_settings), self.apply_settings)
+
+    def _check_settings(self, config: RunConfig) -> list[str]:
+        """What the app adds to RunConfig.validate(): the theme must be one it knows."""
+        if config.theme not in self.available_themes:
+            return [f"unknown theme '{config.theme}' (available: {', '.join(sorted(self.available_themes))})"]
+        return []
 
     def action_scroll_chat(self, direction: int) -> None:
-        chat = self.query_one("#chat", VerticalScroll)
+        chat = self.chat
         (chat.scroll_page_down if direction > 0 else chat.scroll_page_up)()
 
-    def apply_settings(self, new: Settings | None) -> None:
-        from fmchat.engine import GenerationConfig
-
+    def apply_settings(self, new: RunConfig | None) -> None:
+        """New settings from the pane: applied to the chat from the next turn, or by a reload when a setting
+        that needs one changed (the chat stays on the running model if the load fails)."""
         if new is None:
             return
         if self.generating:
+            self._defer(lambda: self.apply_settings(new), "apply the settings", cancel=True)
+            return
+        if self.state not in IDLE:
             self._defer(lambda: self.apply_settings(new), "apply the settings")
             return
-        old = self.settings
-        self.settings = new
+        old, self.settings = self.settings, new
         if new.theme in self.available_themes and new.theme != self.theme:
             self.theme = new.theme
-        if self.session is not None:
-            cfg = self.session.config
-            cfg.kv_cache, cfg.system = new.kv_cache, new.system
-            self._set_memory_policy(new.memory_policy)
-            gen = GenerationConfig(new.max_new_tokens, new.temperature, new.top_p, new.seed)
-            if gen != cfg.gen:
-                self.session.set_generation(gen)
-            if self.recorder is not None and self.recorder.session_id is not None:
-                try:
-                    self.recorder.update_settings(self.session)  # the saved chat records what it now runs with
-                except Exception as exc:  # noqa: BLE001  shown, the chat goes on
-                    self.note(f"could not save the session settings: {exc}", "error")
-        reload = new.load_key() != old.load_key() or (self.session is None and not self.loading)
-        if reload and not self.loading:
+        conv = self.conversation
+        if conv is None:
+            self.note("loading the model with the new settings…")
+            self.start_load(new)
+        elif new.load_key() != conv.config.load_key():
             self.note("reloading the model for the new settings…")
-            self.start_load(new, previous=old if self.session is not None else None)
+            self.start_load(new, previous=old)
         else:
+            try:
+                conv.apply(new)
+            except FmchatError as exc:
+                self.settings = old
+                self.note(f"settings not applied: {exc}", "error")
+                return
             self.save_settings()
             self.note("settings applied")
-        self.refresh_panel_from_session()
+        self.refresh_panel()
 
     # ------------------------------------------------------------------ saved sessions
-    @property
-    def current_session_id(self) -> str | None:
-        return None if self.recorder is None else self.recorder.session_id
-
     def action_sessions(self, search: bool = False) -> None:
         if not isinstance(self.screen, SessionsScreen):
             self.push_screen(SessionsScreen(self.store, self.current_session_id, search=search), self._sessions_result)
@@ -641,7 +489,7 @@ class FmchatApp(App):
         if what == "new":
             self.action_new_chat()
         elif what == "open" and sid is not None:
-            self.call_later(self.open_saved, sid)
+            self.open_saved(sid)
 
     def action_rename_session(self) -> None:
         sid = self.current_session_id
@@ -670,7 +518,7 @@ class FmchatApp(App):
         def done(yes: bool | None) -> None:
             if yes:
                 if self.generating:
-                    self._defer(lambda: done(True), "delete the session")
+                    self._defer(lambda: done(True), "delete the session", cancel=True)
                     return
                 self.store.delete(sid)
                 self.post_message(SessionDeleted(sid))
@@ -678,105 +526,89 @@ class FmchatApp(App):
         self.push_screen(ConfirmScreen(f"Delete this chat (session {sid})? This cannot be undone."), done)
 
     def on_session_deleted(self, msg: SessionDeleted) -> None:
-        if self.recorder is not None and self.recorder.session_id == msg.session_id:
-            self.recorder.detach()
+        conv = self.conversation
+        if conv is not None and conv.session_id == msg.session_id:
+            conv.forget_saved()  # the chat stays on screen; the next message starts a new saved session
             self.note("this chat was deleted from the saved sessions; sending a message saves it as a new one")
 
-    async def open_saved(self, session_id: str) -> None:
+    def open_saved(self, session_id: str) -> None:
         """Show a saved chat and rebuild the engine state from it (KV snapshot, else a background prefill)."""
-        from fmchat.store import StoreError, open_session
-
         if self.generating:
-            self._defer(lambda: self.call_later(self.open_saved, session_id), "open the session")
+            self._defer(lambda: self.open_saved(session_id), "open the session", cancel=True)
             return
-        if self._restore_running:  # stop the restore under way (between two prefill chunks), then open
-            self._open_after_restore = session_id
-            self.session.cancel()
+        if self.restoring:  # stop the restore under way (between two prefill chunks), then open
+            self._defer(lambda: self.open_saved(session_id), "open the session", cancel=True)
             return
-        if self.session is None or self.store is None or self.loading:
-            self.restoring = False
-            self.notify("no model loaded yet" if self.session is None else "sessions are not available", severity="warning")
+        if self.loading:
+            self._defer(lambda: self.open_saved(session_id), "open the session")
             return
-        try:
-            self.recorder, rec = open_session(self.store, session_id, self.session, spec=self.settings.model)
-        except StoreError as exc:
-            self.restoring = False
-            self.note(f"could not open the session: {exc}", "error")
-            return
-        chat = self.query_one("#chat", VerticalScroll)
-        await chat.remove_children()
-        model = self.session.backend.model_name
-        for m in self.session.messages:
-            if m.role == "user":
-                await chat.mount(UserMessage(m.content))
-            elif m.role == "assistant":
-                w = AssistantMessage(rec.model or model)
-                await chat.mount(w)
-                w.text = neutralize(m.content)
-                if w.text:
-                    await w.markdown.update(w.text)
-                await w.finish(m.stats, note=None if m.stats else "restored")
-            else:
-                self.note(f"system: {m.content}")
-        chat.anchor()
-        self.note(f"session “{rec.title or rec.id}” ({len(rec.messages)} messages, saved as {rec.id})")
-        if rec.model and rec.model != model:
-            self.note(f"this chat was recorded with {rec.model}; it carries on with {model}")
-        self.restoring = True
-        status = self.query_one("#load-status")
-        status.display = True
-        self.query_one("#load-bar", ProgressBar).update(total=None, progress=0)
-        self.query_one("#load-step", Static).update(Text("restoring the session…"))
-        self._restore_running = True
-        self._restore_worker(rec.id)
+        self._start_restore(session_id)
+
+    def _start_restore(self, session_id: str) -> bool:
+        if self.conversation is None or self.store is None:
+            self.notify("no model loaded yet" if self.conversation is None else "sessions are not available",
+                        severity="warning")  # fmt: skip
+            return False
+        self._enter(AppState.RESTORING)
+        self._show_status("restoring the session…")
+        self._restore_worker(session_id)
+        return True
 
     @work(thread=True, exclusive=True, group="restore")
     def _restore_worker(self, session_id: str) -> None:
-        from fmchat.store import rebuild_cache
-
+        conv = self.conversation
         t0 = time.perf_counter()
         try:
-            r = rebuild_cache(self.session, self.store, session_id, lambda done, total: self.post_message(RestoreStep(done, total)))
-        except Exception as exc:  # the transcript is there; the next turn prefills what it needs
-            self.post_message(RestoreDone(None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0))
+            opened = conv.open_saved(session_id)
+        except Exception as exc:  # noqa: BLE001  the chat on screen is unchanged
+            self.post_message(RestoreDone(None, f"could not open the session: {describe(exc)}", 0.0))
             return
-        self.post_message(RestoreDone(r, None, time.perf_counter() - t0))
+        self.post_message(SessionOpened(opened))
+        try:
+            result = conv.rebuild_cache(opened, lambda done, total: self.post_message(RestoreStep(done, total)))
+        except Exception as exc:  # noqa: BLE001  the transcript is there; the next turn prefills what it needs
+            msg = f"could not rebuild the KV cache ({describe(exc)}); the next turn prefills the conversation"
+            self.post_message(RestoreDone(None, msg, time.perf_counter() - t0))
+            return
+        self.post_message(RestoreDone(result, None, time.perf_counter() - t0))
+
+    async def on_session_opened(self, msg: SessionOpened) -> None:
+        opened = msg.opened
+        # The settings pane shows (and Apply keeps) the system prompt this chat was saved with.
+        self.settings = replace(self.settings, system=self.conversation.config.system)
+        model = self.conversation.backend.model_name
+        await self.chat.show_transcript(self.session.messages, opened.recorded_model or model)
+        self.note(
+            f"session “{opened.title or opened.session_id}” ({opened.messages} messages, saved as {opened.session_id})"
+        )
+        if opened.recorded_model and opened.recorded_model != model:
+            self.note(f"this chat was recorded with {opened.recorded_model}; it carries on with {model}")
 
     def on_restore_step(self, msg: RestoreStep) -> None:
-        step = f"restoring the session: prefilled {msg.done}/{msg.total} tokens"
-        self.load_steps.append(step)
-        self.query_one("#load-bar", ProgressBar).update(total=max(msg.total, 1), progress=msg.done)
-        self.query_one("#load-step", Static).update(Text(step))
+        self._step(f"restoring the session: prefilled {msg.done}/{msg.total} tokens", msg.done, max(msg.total, 1))
 
     def on_restore_done(self, msg: RestoreDone) -> None:
-        self.restoring = self._restore_running = False
-        self.query_one("#load-status").display = False
-        if self._open_after_restore is not None:
-            sid, self._open_after_restore = self._open_after_restore, None
-            self.restoring = True
-            self.call_later(self.open_saved, sid)
-            return
         if msg.error is not None:
-            self.note(f"could not rebuild the KV cache ({msg.error}); the next turn prefills the conversation", "error")
+            self.note(msg.error, "error")
         else:
             r = msg.result
             secs = "masked" if self.mask_volatile else f"{msg.seconds:.2f}"
-            snap = f"{r['restored']} tokens from the KV snapshot" if r["restored"] else f"KV snapshot not used: {r['snapshot']}"
-            self.note(f"restored: {snap}, {r['prefilled']} tokens prefilled in {secs} s")
-        self.refresh_panel_from_session()
-        if self._queued is not None and self.ready:
-            text, self._queued = self._queued, None
-            self.send(text)
+            snap = f"{r.restored} tokens from the KV snapshot" if r.restored else f"KV snapshot not used: {r.snapshot}"
+            self.note(f"restored: {snap}, {r.prefilled} tokens prefilled in {secs} s")
+        self._enter(AppState.READY)
+        self.refresh_panel()
 
     async def action_quit(self) -> None:
-        if self.session is not None and (self.generating or self._restore_running):
-            self.session.cancel()  # the worker stops within one token (or one prefill chunk)
+        if self.state in (AppState.GENERATING, AppState.RESTORING):
+            self.conversation.cancel()  # the worker stops within one token (or one prefill chunk)
         self.exit()
 
     # ------------------------------------------------------------------ command palette
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield SystemCommand("New chat", "Start a new conversation (same model and settings)", self.action_new_chat)
-        yield SystemCommand("Settings", "Backend, model, quantization, kernel, KV cache, sampling…", self.action_settings)
+        yield SystemCommand(
+            "Settings", "Backend, model, quantization, kernel, KV cache, sampling…", self.action_settings
+        )
         yield SystemCommand("Sessions", "Saved chats: browse, open, rename, delete (F4)", self.action_sessions)
         yield SystemCommand("Search sessions", "Find a saved chat by its text", self.action_search_sessions)
         yield SystemCommand("Open session", "Pick a saved chat to continue", self.action_sessions)

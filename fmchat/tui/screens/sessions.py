@@ -7,11 +7,12 @@ The screen dismisses with ("open", id), ("new", None), or None; renames and dele
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
@@ -48,7 +49,7 @@ def _when(t: float) -> str:
 
 
 class SessionTable(DataTable):
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "screen.rename", "Rename"),
         Binding("d,delete", "screen.delete", "Delete"),
         Binding("n", "screen.new_chat", "New chat"),
@@ -58,7 +59,7 @@ class SessionTable(DataTable):
 
 class RenameScreen(ModalScreen[str | None]):
     DEFAULT_CSS = "RenameScreen { align: center middle; }" + DIALOG_CSS
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss_none", "Cancel")]
 
     def __init__(self, title: str) -> None:
         super().__init__()
@@ -83,7 +84,10 @@ class RenameScreen(ModalScreen[str | None]):
 
 class ConfirmScreen(ModalScreen[bool]):
     DEFAULT_CSS = "ConfirmScreen { align: center middle; }" + DIALOG_CSS
-    BINDINGS = [Binding("escape,n", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,n", "answer(False)", "No"),
+        Binding("y", "answer(True)", "Yes"),
+    ]
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -116,7 +120,7 @@ class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
     #sessions-table { height: auto; max-height: 24; margin: 1 0; }
     """
     )
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "close", "Close"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("down", "focus_table", "List", show=False),

@@ -1,35 +1,60 @@
-"""The settings pane: a modal form over the registry of choices. Dismisses with new Settings, or None."""
+"""The settings pane, generated from ``RunConfig``'s fields and the registries.
+
+One row per field of scope "chat" or "app" that has a ``label``: a radio set over the field's registry
+(choices that cannot be used here are disabled and say why), a switch for a bool, an input for a str, int or
+float (the field's ``help`` as hint, its bounds checked by ``RunConfig.validate``). A new field in
+``RunConfig`` shows up here by itself. Every widget's id is ``set-<field>``. Dismisses with the new
+RunConfig, or None.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, fields, replace
+from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static, Switch
 
-from fmchat import models, options
-from fmchat.settings import Settings
+from fmchat.config import RunConfig, choices
 
-CHOICE_ROWS = [
-    ("backend", "Backend"),
-    ("quant", "Quantization"),
-    ("kernel", "Attention kernel"),
-    ("device", "Device"),
-    ("dtype", "Dtype"),
-    ("memory_policy", "Memory policy"),
-]
+SCOPES = ("chat", "app")
+_TYPES = {"str | None": (str, True), "str": (str, False), "int | None": (int, True), "int": (int, False),
+          "float | None": (float, True), "float": (float, False), "bool": (bool, False)}  # fmt: skip
+
+
+def form_fields() -> list:
+    """The RunConfig fields the pane offers, in their declared order."""
+    return [f for f in fields(RunConfig) if f.metadata["label"] and f.metadata["scope"] in SCOPES]
+
+
+def kind_of(f) -> tuple[type, bool]:
+    """(value type, whether None is allowed) of a field."""
+    return _TYPES[str(f.type)]
+
+
+def placeholder(f) -> str:
+    """What an empty input means, from the field's help: "default: X)" or "e.g. X"; else "none"."""
+    help_text = f.metadata["help"]
+    if m := re.search(r"default: ([^)]*)\)", help_text):
+        return m.group(1)
+    if m := re.search(r"e\.g\. (\S+)", help_text):
+        return m.group(1)
+    default = None if f.default is MISSING else f.default
+    return "none" if default is None else str(default)
 
 
 class ChoiceSet(RadioSet):
-    """A RadioSet over a registry kind: unavailable choices are disabled and say why."""
+    """A RadioSet over a field's registry: unavailable choices are disabled and say why."""
 
-    def __init__(self, kind: str, current: str, **kwargs) -> None:
-        self.kind = kind
-        self.choices = options.choices(kind)
+    def __init__(self, name: str, current: str, **kwargs) -> None:
+        self.kind = name
+        self.choices = choices(name)
         buttons = [
             RadioButton(
                 Text(c.value + ("" if c.available else f" — {c.reason}")),
@@ -39,7 +64,7 @@ class ChoiceSet(RadioSet):
             )
             for c in self.choices
         ]
-        super().__init__(*buttons, id=f"set-{kind}", **kwargs)
+        super().__init__(*buttons, id=f"set-{name}", **kwargs)
 
     @property
     def selected(self) -> str | None:
@@ -47,101 +72,86 @@ class ChoiceSet(RadioSet):
         return self.choices[i].value if i >= 0 else None
 
 
-def _row(label: str, widget, hint: str = "") -> Horizontal:
-    parts = [Label(label, classes="setting-label"), widget]
-    if hint:
-        parts.append(Static(Text(hint, style="dim"), classes="setting-hint"))
-    return Horizontal(*parts, classes="setting-row")
+def field_widget(f, value):
+    """The widget that edits field ``f`` (id ``set-<name>``), showing ``value``."""
+    wid = f"set-{f.name}"
+    if f.metadata["choices"] is not None:
+        return ChoiceSet(f.name, value)
+    typ, _ = kind_of(f)
+    if typ is bool:
+        return Switch(bool(value), id=wid)
+    input_type = {int: "integer", float: "number"}.get(typ, "text")
+    return Input("" if value is None else str(value), placeholder=placeholder(f), type=input_type, id=wid)
 
 
-class SettingsScreen(ModalScreen[Settings | None]):
-    BINDINGS = [
+def _row(f, widget) -> Horizontal:
+    m = f.metadata
+    label = Label(m["label"], classes="setting-label")
+    label.tooltip = m["help"]
+    parts = [label, widget]
+    if m["choices"] is None:
+        parts.append(Static(Text(m["help"], style="dim"), classes="setting-hint"))
+    return Horizontal(*parts, classes="setting-row", id=f"row-{f.name}")
+
+
+class SettingsScreen(ModalScreen[RunConfig | None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss_none", "Close"),
         Binding("ctrl+s", "apply", "Apply"),
     ]
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RunConfig, check: Callable[[RunConfig], list[str]] | None = None) -> None:
+        """``check``: problems the app adds to ``RunConfig.validate()`` (e.g. a theme it does not know)."""
         super().__init__()
         self.settings = settings
+        self.check = check
 
     def compose(self) -> ComposeResult:
-        s = self.settings
         with Vertical(id="settings-dialog") as dialog:
             dialog.border_title = "Settings"
             dialog.border_subtitle = "Ctrl+S apply · Esc close"
             with VerticalScroll(id="settings-form"):
-                yield _row(
-                    "Model",
-                    Input(s.model or "", placeholder=models.DEFAULT_MODEL, id="set-model"),
-                    "alias (" + ", ".join(models.ALIASES) + "), HF dir, .gguf or hub id",
-                )
-                for kind, label in CHOICE_ROWS:
-                    yield _row(label, ChoiceSet(kind, getattr(s, kind)))
-                yield _row(
-                    "Server URL",
-                    Input(s.base_url or "", placeholder="http://127.0.0.1:8080/v1", id="set-base_url"),
-                    "openai backend",
-                )
-                yield _row(
-                    "Server model", Input(s.api_model or "", placeholder="first listed", id="set-api_model"), "openai backend"
-                )
-                yield _row("KV cache", Switch(s.kv_cache, id="set-kv_cache"), "reuse the cache across turns")
-                yield _row(
-                    "Context size",
-                    Input("" if s.ctx is None else str(s.ctx), placeholder="model's own", type="integer", id="set-ctx"),
-                    "tokens; empty = the model's (capped at 8192)",
-                )
-                yield _row("Temperature", Input(str(s.temperature), type="number", id="set-temperature"), "0 = greedy")
-                yield _row("Top-p", Input(str(s.top_p), type="number", id="set-top_p"), "0..1")
-                yield _row(
-                    "Max new tokens", Input(str(s.max_new_tokens), type="integer", id="set-max_new_tokens"), "tokens per reply"
-                )
-                yield _row(
-                    "Seed",
-                    Input("" if s.seed is None else str(s.seed), placeholder="random", type="integer", id="set-seed"),
-                    "same seed, same replies",
-                )
-                yield _row("System prompt", Input(s.system or "", placeholder="(none)", id="set-system"))
+                for f in form_fields():
+                    yield _row(f, field_widget(f, getattr(self.settings, f.name)))
             yield Static("", id="settings-error", markup=False)
             with Horizontal(id="settings-buttons"):
                 yield Button("Apply", variant="primary", id="apply")
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
-        self.query_one("#set-model", Input).focus()
+        self.query_one(f"#set-{form_fields()[0].name}").focus()
 
-    def read_form(self) -> tuple[Settings | None, list[str]]:
+    def read_value(self, f, errors: list[str]):
+        """The value the form holds for ``f`` (the current one, with a line in ``errors``, when it is unusable)."""
+        widget = self.query_one(f"#set-{f.name}")
+        current = getattr(self.settings, f.name)
+        if isinstance(widget, ChoiceSet):
+            return widget.selected or current
+        if isinstance(widget, Switch):
+            return widget.value
+        typ, optional = kind_of(f)
+        what = f.metadata["label"].lower()
+        raw = widget.value.strip()
+        if not raw:
+            if optional:
+                return None
+            errors.append(f"{what}: a value is needed")
+            return current
+        if typ is str:
+            return raw
+        try:
+            return typ(raw)
+        except ValueError:
+            errors.append(f"{what}: '{raw}' is not {'a whole number' if typ is int else 'a number'}")
+            return current
+
+    def read_form(self) -> tuple[RunConfig | None, list[str]]:
         errors: list[str] = []
-
-        def number(field: str, cast, optional: bool = False):
-            raw = self.query_one(f"#set-{field}", Input).value.strip()
-            if not raw:
-                if optional:
-                    return None
-                errors.append(f"{field.replace('_', ' ')}: a value is needed")
-                return getattr(self.settings, field)
-            try:
-                return cast(raw)
-            except ValueError:
-                errors.append(f"{field.replace('_', ' ')}: '{raw}' is not a number")
-                return getattr(self.settings, field)
-
-        values: dict = {}
-        model = self.query_one("#set-model", Input).value.strip()
-        values["model"] = model or None
-        for kind, _ in CHOICE_ROWS:
-            values[kind] = self.query_one(f"#set-{kind}", ChoiceSet).selected or getattr(self.settings, kind)
-        values["base_url"] = self.query_one("#set-base_url", Input).value.strip() or None
-        values["api_model"] = self.query_one("#set-api_model", Input).value.strip() or None
-        values["kv_cache"] = self.query_one("#set-kv_cache", Switch).value
-        values["ctx"] = number("ctx", int, optional=True)
-        values["temperature"] = number("temperature", float)
-        values["top_p"] = number("top_p", float)
-        values["max_new_tokens"] = number("max_new_tokens", int)
-        values["seed"] = number("seed", int, optional=True)
-        values["system"] = self.query_one("#set-system", Input).value or None
+        values = {f.name: self.read_value(f, errors) for f in form_fields()}
         new = replace(self.settings, **values)
         errors += new.validate()
+        if self.check is not None:
+            errors += self.check(new)
         return (None if errors else new), errors
 
     def action_apply(self) -> None:

@@ -1,16 +1,31 @@
-"""The chat view's blocks and the multi-line input. Model and user text is shown as text, never as markup."""
+"""The chat view: the conversation's blocks, the widget that runs turns, and the multi-line input.
+Model and user text is shown as text, never as markup.
+
+``ChatView`` owns the turn worker: ``start_turn(conversation, text)`` shows the exchange and runs
+``Conversation.turn`` in a thread worker, which talks to the UI only by posting the typed messages below
+(``TurnBegan``, ``TurnText``, ``TurnFinished``, ``TurnFailed``, then always ``TurnEnded``). The view draws
+the reply from them; they bubble on to the app, which moves the panel and its own state. One ``TurnText``
+is in flight at a time: text that arrives while the view draws the last piece goes out merged with the next
+(so a fast model never floods the UI thread; nothing is dropped, and the turn's end flushes what is left).
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
 from rich.text import Text
-from textual import events
-from textual.binding import Binding
-from textual.containers import Vertical
+from textual import events, work
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
 from textual.content import Content
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
 
-from fmchat.engine import TurnStats
+from fmchat.engine import ContextOverflow, TextDelta, TurnDone, TurnStarted, TurnStats
+from fmchat.errors import FmchatError, describe
 from fmchat.text import neutralize
 
 
@@ -101,7 +116,7 @@ class ChatInput(TextArea):
 
     # Shown in the footer. The keys themselves are handled in _on_key, in order with the typed characters
     # (a priority binding would run before characters typed in the same burst reach the text).
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "send", "Send", show=True),
         Binding("ctrl+j", "newline", "Newline", show=True),
     ]
@@ -134,3 +149,173 @@ class ChatInput(TextArea):
             self.action_newline()
         else:
             await super()._on_key(event)
+
+
+# ------------------------------------------------------------------ the conversation on screen
+class TurnMessage(Message):
+    """Base of the messages a turn posts (from the worker thread)."""
+
+
+@dataclass
+class TurnBegan(TurnMessage):
+    """The prompt is matched against the KV cache; prefill starts (the user message is saved)."""
+
+    event: TurnStarted
+
+
+@dataclass
+class TurnText(TurnMessage):
+    """Reply text. ``ttft_ms``: time from sending to this first piece (None after the first)."""
+
+    event: TextDelta
+    ttft_ms: float | None = None
+
+
+@dataclass
+class TurnFinished(TurnMessage):
+    """The reply is complete (or cancelled, or stopped by a limit); ``event.stats`` is the turn's record."""
+
+    event: TurnDone
+
+
+@dataclass
+class TurnFailed(TurnMessage):
+    """The turn did not run (``before_start``: nothing changed, the text goes back to the input) or broke
+    during the reply (the transcript keeps the partial reply)."""
+
+    error: str
+    text: str
+    before_start: bool
+    context_full: bool = False  # the prompt does not fit the context window (ContextOverflow)
+
+
+@dataclass
+class TurnEnded(TurnMessage):
+    """The worker is done with the conversation: another turn, a reload or a restore may start."""
+
+
+class ChatView(VerticalScroll):
+    """The conversation: user messages, replies streamed as Markdown, notes. Runs one turn at a time."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.current: AssistantMessage | None = None  # the reply being streamed
+        self.current_user: UserMessage | None = None
+        self._sent_at = 0.0
+        self._first_text = True
+        self._drawing = threading.Event()  # a TurnText is posted and not drawn yet
+
+    def on_mount(self) -> None:
+        self.anchor()  # follow new text while the view is at the bottom; scrolling up releases it
+
+    # ------------------------------------------------------------------ blocks
+    def note(self, text: str, kind: str = "info") -> Note:
+        n = Note(text, kind)
+        self.mount(n)
+        return n
+
+    def clear(self):
+        """Remove every block (await the result to wait for it; blocks mounted after it stay)."""
+        self.current = self.current_user = None
+        return self.remove_children()
+
+    async def show_transcript(self, messages, model_name: str) -> None:
+        """Draw a saved conversation (``ChatSession.messages``); replies carry their recorded footer."""
+        await self.clear()
+        for m in messages:
+            if m.role == "user":
+                await self.mount(UserMessage(m.content))
+            elif m.role == "assistant":
+                w = AssistantMessage(model_name)
+                await self.mount(w)
+                w.text = neutralize(m.content)
+                if w.text:
+                    await w.markdown.update(w.text)
+                await w.finish(m.stats, note=None if m.stats else "restored")
+            else:
+                self.note(f"system: {m.content}")
+        self.anchor()
+
+    def drop_last_exchange(self) -> None:
+        """Remove the last user message and everything after it (retry)."""
+        users = list(self.query(UserMessage))
+        if users:
+            i = list(self.children).index(users[-1])
+            self.remove_children(list(self.children)[i:])
+
+    # ------------------------------------------------------------------ a turn
+    def start_turn(self, conversation, text: str) -> None:
+        """Show the exchange and run it in a thread worker (the caller knows no other turn runs)."""
+        self.current_user = UserMessage(text)
+        self.current = AssistantMessage(conversation.backend.model_name)
+        self.mount(self.current_user)
+        self.mount(self.current)
+        self.anchor()
+        self._sent_at = time.monotonic()
+        self._first_text = True
+        self._drawing.clear()
+        self._turn_worker(conversation, text)
+
+    @work(thread=True, group="turn")
+    def _turn_worker(self, conversation, text: str) -> None:
+        started = False
+        pending: list[TextDelta] = []  # text not posted yet: the view is still drawing the last piece
+
+        def flush() -> None:
+            if not pending:
+                return
+            last = pending[-1]
+            merged = TextDelta("".join(d.text for d in pending), last.generated, last.ctx_used, last.elapsed_s)
+            pending.clear()
+            ttft = None
+            if self._first_text:
+                self._first_text = False
+                ttft = (time.monotonic() - self._sent_at) * 1000
+            self._drawing.set()
+            self.post_message(TurnText(merged, ttft))
+
+        try:
+            for ev in conversation.turn(text):
+                started = True
+                if isinstance(ev, TurnStarted):
+                    self.post_message(TurnBegan(ev))
+                elif isinstance(ev, TextDelta):
+                    pending.append(ev)
+                    if not self._drawing.is_set():  # one piece in flight at a time: a fast model never floods the UI
+                        flush()
+                elif isinstance(ev, TurnDone):
+                    flush()
+                    self.post_message(TurnFinished(ev))
+        except FmchatError as exc:
+            flush()
+            full = isinstance(exc, ContextOverflow)
+            self.post_message(TurnFailed(str(exc), text, before_start=not started, context_full=full))
+        except Exception as exc:  # noqa: BLE001  shown in the chat, never as a traceback
+            flush()
+            self.post_message(TurnFailed(describe(exc), text, before_start=not started))
+        finally:
+            self.post_message(TurnEnded())
+
+    async def on_turn_text(self, msg: TurnText) -> None:
+        try:
+            if self.current is not None:
+                await self.current.write(msg.event.text)
+        finally:
+            self._drawing.clear()
+
+    async def on_turn_finished(self, msg: TurnFinished) -> None:
+        if self.current is not None:
+            await self.current.finish(msg.event.stats)
+
+    async def on_turn_failed(self, msg: TurnFailed) -> None:
+        if msg.before_start:
+            # Nothing changed in the conversation: take the exchange off the screen.
+            for w in (self.current_user, self.current):
+                if w is not None:
+                    await w.remove()
+            self.current = self.current_user = None
+        elif self.current is not None:
+            await self.current.finish(None, note="stopped by an error")
+
+    def on_turn_ended(self, msg: TurnEnded) -> None:
+        self.current = self.current_user = None

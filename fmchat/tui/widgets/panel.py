@@ -1,8 +1,19 @@
-"""The inference panel: what the conversation costs right now (context, KV cache, speed, memory, setup)."""
+"""The inference panel: what the conversation costs right now (context, KV cache, speed, memory, setup).
+
+What it shows is derived from records, never copied field by field by the app:
+
+* ``Running.of(backend, config)``: the setup, from the *loaded* backend when there is one (what it reports:
+  llama.cpp's quant is "gguf", its kernel "llama.cpp"), from the config while none is loaded;
+* ``PanelState.from_stats(stats, backend, config)``: the context/KV/memory figures of a ``TurnStats`` record
+  (a finished turn's, or ``ChatSession.snapshot_stats()`` between turns) plus the setup;
+* while a reply streams, the engine's events (``TurnStarted``, ``TextDelta``) move the live figures.
+
+A figure the backend cannot know is ``None`` and shown as "n/a", never 0.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from rich.table import Table
 from rich.text import Text
@@ -15,28 +26,67 @@ from fmchat.text import neutralize
 BAR_WIDTH = 28
 
 
-@dataclass
-class PanelState:
-    """Everything the panel shows. None = unavailable ("n/a")."""
+@dataclass(frozen=True)
+class Running:
+    """What runs, keyed by the RunConfig field that chooses it (``compile``: the decode path as loaded)."""
 
-    # what is running
     model: str = "—"
     backend: str = "—"
     device: str = "—"
     dtype: str = "—"
-    quant: str = "none"
+    quant: str = "—"
     kernel: str = "—"
+    compile: str = "—"
+    memory: str = "—"
     kv_cache: bool = True
+
+    @classmethod
+    def of(cls, backend, config) -> Running:
+        """From the loaded ``backend`` (None while none is) and the ``config`` the chat runs with."""
+        from fmchat import models
+
+        if backend is None:
+            decode = "eager" if config.compile == "off" else f"compile {config.compile} (at load)"
+            return cls(config.model or models.DEFAULT_MODEL, config.backend, config.device, config.dtype, config.quant,
+                       config.kernel, decode, config.memory, config.kv_cache)  # fmt: skip
+        return cls(backend.model_name, backend.name, backend.device, backend.dtype, backend.quant or "none",
+                   backend.kernel or "—", backend.decode_path, config.memory, config.kv_cache)  # fmt: skip
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [(RUNNING_LABELS[f.name], self.text(f.name)) for f in fields(self)]
+
+    def text(self, name: str) -> str:
+        value = getattr(self, name)
+        if name == "kv_cache":
+            return "on (reused across turns)" if value else "off (rebuilt every turn)"
+        return neutralize(str(value))
+
+
+# The Running section's row label for each field (the pilot tests read the rows back by these labels).
+RUNNING_LABELS = {"model": "model", "backend": "backend", "device": "device", "dtype": "dtype", "quant": "quant",
+                  "kernel": "kernel", "compile": "decode", "memory": "memory", "kv_cache": "KV cache"}  # fmt: skip
+
+# The figures a stats record carries (TurnStats field -> PanelState field).
+_FIGURES = {"ctx_used": "ctx_used", "ctx_size": "ctx_size", "seq_lens": "seq_lens", "kv_bytes": "kv_bytes",
+            "weights_bytes": "weights_bytes", "gpu_mem_mb": "gpu_mem_mb", "rss_mb": "rss_mb", "peak_rss_mb": "peak_rss_mb"}  # fmt: skip
+
+
+@dataclass
+class PanelState:
+    """Everything the panel shows. None = unavailable ("n/a")."""
+
+    running: Running = field(default_factory=Running)
     loaded: bool = False
     # context and KV cache
     ctx_used: int | None = None  # None until a model is loaded
     ctx_size: int | None = None
     seq_lens: list[int] | None = None
     kv_bytes: int | None = None
-    reused: int | None = None
+    reused: int | None = None  # this turn's, None before the first turn of a chat
     prefilled: int | None = None
-    memory_policy: str = "—"
-    memory_last: str | None = None  # the last thing the memory policy did, e.g. "turn 5: 2 messages (51 tokens) shifted…"
+    memory_last: str | None = (
+        None  # the last thing the memory policy did, e.g. "turn 5: 2 messages (51 tokens) shifted…"
+    )
     # speed
     generating: bool = False
     live_tok_s: float | None = None
@@ -48,6 +98,75 @@ class PanelState:
     peak_rss_mb: float | None = None
     weights_bytes: int | None = None
     gpu_mem_mb: float | None = None
+
+    # What runs, by name (read by tests and by the sections below).
+    @property
+    def model(self) -> str:
+        return self.running.model
+
+    @property
+    def backend(self) -> str:
+        return self.running.backend
+
+    @property
+    def device(self) -> str:
+        return self.running.device
+
+    @property
+    def dtype(self) -> str:
+        return self.running.dtype
+
+    @property
+    def quant(self) -> str:
+        return self.running.quant
+
+    @property
+    def kernel(self) -> str:
+        return self.running.kernel
+
+    @property
+    def decode_path(self) -> str:
+        return self.running.compile
+
+    @property
+    def memory_policy(self) -> str:
+        return self.running.memory
+
+    @property
+    def kv_cache(self) -> bool:
+        return self.running.kv_cache
+
+    @classmethod
+    def from_stats(cls, stats, backend, config) -> PanelState:
+        """The figures of one stats record (None: no model loaded yet) and the setup they were measured on."""
+        st = cls(running=Running.of(backend, config), loaded=backend is not None)
+        if stats is not None:
+            for src, dst in _FIGURES.items():
+                value = getattr(stats, src)
+                setattr(st, dst, list(value) if isinstance(value, list) else value)
+        return st
+
+    def absorb(self, new: PanelState) -> None:
+        """Take the setup and the figures of ``new``; keep this chat's turn figures and history."""
+        self.running, self.loaded = new.running, new.loaded
+        for name in _FIGURES.values():
+            setattr(self, name, getattr(new, name))
+
+    def finish_turn(self, stats) -> None:
+        """A finished turn's record: its figures, its speed, and what the memory policy did."""
+        self.reused, self.prefilled = stats.reused_tokens, stats.prefilled_tokens
+        self.ttft_ms = stats.ttft_ms or None  # 0 = no token came: unavailable, not zero
+        self.prefill_tok_s = stats.prefill_tok_s
+        self.live_tok_s = stats.decode_tok_s
+        if stats.decode_tok_s is not None:
+            self.decode_history.append(stats.decode_tok_s)
+        if stats.memory_note:
+            self.memory_last = f"turn {stats.turn}: {stats.memory_note}"
+        self.generating = False
+
+    def clear_turn(self) -> None:
+        """A new chat: no turn figures yet."""
+        self.reused = self.prefilled = self.memory_last = None
 
 
 def _rate(v: float | None) -> str:
@@ -107,10 +226,48 @@ class InferencePanel(VerticalScroll):
         yield Section("Memory", id="sec-memory")
         yield Section("Running", id="sec-running")
 
+    # ------------------------------------------------------------------ what the app tells it
+    def show(self, stats, backend, config) -> None:
+        """Between turns: the figures of ``stats`` (``session.snapshot_stats()``, None before a load) on the setup
+        of ``backend`` (None while none is loaded) and ``config``."""
+        self.state.absorb(PanelState.from_stats(stats, backend, config))
+        self.sample_memory()
+        self.refresh_state()
+
+    def turn_started(self, event) -> None:
+        st = self.state
+        st.generating, st.live_tok_s, st.ttft_ms, st.prefill_tok_s = True, None, None, None
+        st.reused, st.prefilled, st.ctx_size = event.reused_tokens, event.prefill_tokens, event.ctx_size
+        self.refresh_state()
+
+    def turn_progress(self, event, ttft_ms: float | None) -> None:
+        """A TextDelta: live context fill and speed (refreshed on the app's timer, not per token)."""
+        st = self.state
+        if st.ttft_ms is None and ttft_ms is not None:
+            st.ttft_ms = ttft_ms  # live estimate; the engine's figure follows with the turn's record
+        st.ctx_used = event.ctx_used
+        if event.ctx_used is not None and st.seq_lens is not None:
+            st.seq_lens = [event.ctx_used]  # batch of one: the row's fill is the context used
+        if event.generated and event.elapsed_s and event.elapsed_s > 0 and event.generated > 1:
+            st.live_tok_s = (event.generated - 1) / event.elapsed_s
+
+    def turn_finished(self, stats, backend, config) -> None:
+        """The turn's record: its figures (context, KV, memory) and its speed."""
+        self.state.absorb(PanelState.from_stats(stats, backend, config))
+        self.state.finish_turn(stats)
+        self.refresh_state()
+
+    def clear_turn(self) -> None:
+        self.state.clear_turn()
+
+    # ------------------------------------------------------------------ drawing
     def sample_memory(self) -> None:
         """Cheap process-wide figures, safe to read while a turn runs in another thread."""
         self.state.rss_mb = rss_mb()
         self.state.peak_rss_mb = max(peak_rss_mb(), self.state.rss_mb)  # two reads, one instant apart
+
+    def running_rows(self) -> list[tuple[str, str]]:
+        return self.state.running.rows()
 
     def refresh_state(self) -> None:
         s = self.state
@@ -126,12 +283,10 @@ class InferencePanel(VerticalScroll):
         self.query_one("#sec-kv", Static).update(
             _table(
                 [
-                    ("cache", "on (reused across turns)" if s.kv_cache else "off (rebuilt every turn)"),
                     ("seq_lens", seq),
                     ("KV size", fmt_bytes(s.kv_bytes)),
                     ("reused", "n/a" if s.reused is None else f"{s.reused} tokens this turn"),
                     ("prefilled", "n/a" if s.prefilled is None else f"{s.prefilled} tokens this turn"),
-                    ("memory", s.memory_policy),
                     ("last drop", neutralize(s.memory_last) if s.memory_last else "none yet"),
                 ]
             )
@@ -157,15 +312,4 @@ class InferencePanel(VerticalScroll):
                 ]
             )
         )
-        self.query_one("#sec-running", Static).update(
-            _table(
-                [
-                    ("model", neutralize(s.model)),
-                    ("backend", s.backend),
-                    ("device", s.device),
-                    ("dtype", s.dtype),
-                    ("quant", s.quant),
-                    ("kernel", s.kernel),
-                ]
-            )
-        )
+        self.query_one("#sec-running", Static).update(_table(self.running_rows()))
