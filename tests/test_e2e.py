@@ -48,6 +48,26 @@ def test_gguf_is_converted_once_then_read_from_the_cache(first_run, fresh_cache)
     assert row["weights_bytes"] > 100e6 and row["dtype"] == "bfloat16" and row["device"] == "cpu"
 
 
+def test_gguf_conversion_writes_bfloat16_with_progress_by_tensor(first_run, fresh_cache):
+    """The converted copy holds bfloat16 tensors: at most 0.55x the bytes of the float32 copy fmchat used to write
+    (4 bytes per weight); the conversion reports its tensor loop as it goes."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    path = next((fresh_cache / "converted").iterdir()) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118  safe_open is not a mapping
+        weights = sum(prod(s.get_shape()) for s in slices)
+        dtypes = {s.get_dtype() for s in slices}
+    assert dtypes == {"BF16"}
+    assert path.stat().st_size <= 0.55 * weights * 4, (path.stat().st_size, weights)
+    steps = [line for line in first_run.stderr.splitlines() if "dequantizing GGUF tensors:" in line]
+    assert 5 <= len(steps) <= 20, steps
+    done, total = steps[-1].rsplit(" ", 1)[-1].split("/")
+    assert done == total and int(total) > 100
+
+
 def test_cache_on_equals_off_in_float32_over_the_shared_conversation(first_run):
     assert first_run.returncode == 0
     r = fmchat("bench", "turns", "--script", SHARED_SCRIPT, "--turns", "4", "--max-new-tokens", "48", "--dtype", "float32", "--json")
@@ -73,18 +93,24 @@ def shared_conversation_float32(*flags) -> list[dict]:
     return rows
 
 
-def test_fmc_equals_sdpa_over_the_shared_conversation_float32(first_run):
+@pytest.fixture(scope="module")
+def default_path_rows(first_run):
+    """The reference both comparisons below use: the default path (sdpa, DynamicCache, eager decode), run once."""
+    return shared_conversation_float32("--kernel", "sdpa", "--compile", "off")
+
+
+def test_fmc_equals_sdpa_over_the_shared_conversation_float32(default_path_rows):
     """On the default model: the same replies with fmc (its own preallocated cache, reused across turns) as with
     sdpa (transformers' DynamicCache)."""
-    sdpa = shared_conversation_float32("--kernel", "sdpa")
+    sdpa = default_path_rows
     fmc = shared_conversation_float32("--kernel", "fmc")
     assert [row["reply"] for row in fmc] == [row["reply"] for row in sdpa]
 
 
-def test_compiled_step_equals_eager_over_the_shared_conversation_float32(first_run):
+def test_compiled_step_equals_eager_over_the_shared_conversation_float32(default_path_rows):
     """On the default model: `--compile on` (the compiled one-token step over the fmc cache) gives the same replies
     as the default eager path."""
-    eager = shared_conversation_float32("--compile", "off")
+    eager = default_path_rows
     compiled = shared_conversation_float32("--compile", "on")
     assert all(row["decode_path"] == "eager" for row in eager)
     assert all(row["decode_path"].startswith("compiled (inductor") for row in compiled), compiled[0]["decode_path"]

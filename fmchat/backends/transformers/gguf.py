@@ -1,5 +1,9 @@
 """GGUF -> safetensors: a GGUF file is converted once into a model directory in the user cache dir
-(transformers dequantizes it); later loads read the converted copy."""
+(transformers dequantizes it, tensor by tensor, with progress); later loads read the converted copy.
+
+The copy is written in bfloat16 (``CONVERTED_DTYPE``): half the bytes of float32 on disk, and exactly what the
+default dtype loads (a float32 run upcasts it). GGUF's quantized blocks carry fewer than 8 significant bits
+per weight, so bfloat16 (8 bits of mantissa) keeps nearly all of a Q4/Q5 file's precision."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,12 +22,13 @@ from fmchat.paths import cache_dir
 from ..base import ProgressFn, no_progress
 
 CONVERTED_MARKER = "fmchat-converted.json"
+CONVERTED_DTYPE = torch.bfloat16
 
 
 def _gguf_key(path: Path) -> str:
     st = path.stat()
     digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{path.stem}-{digest}"
+    return f"{path.stem}-{digest}-bf16"  # the dtype in the key: a float32 copy from an older fmchat is not reused
 
 
 def converted_dir(gguf: Path) -> Path:
@@ -38,6 +44,36 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+@contextmanager
+def _tensor_progress(progress: ProgressFn, start: float, end: float, steps: int = 10):
+    """Report transformers' GGUF tensor loop as progress (about ``steps`` times), while the block runs. The loop
+    iterates through the ``tqdm`` its module imported; where a transformers version has no such loop, the block
+    simply runs without these steps."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    real = getattr(gguf_utils, "tqdm", None)
+    if real is None:
+        yield
+        return
+
+    def counted(iterable, *args, **kwargs):
+        items = list(iterable)
+        every = max(1, len(items) // steps)
+        for i, item in enumerate(items, 1):
+            if i % every == 0 or i == len(items):
+                progress(f"dequantizing GGUF tensors: {i}/{len(items)}", start + (end - start) * i / len(items))
+            yield item
+
+    gguf_utils.tqdm = counted
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
+
+
 def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
     """Convert a GGUF file to a safetensors model dir in the cache (once); return that dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,9 +85,10 @@ def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    progress("dequantizing GGUF weights", 0.3)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    progress("writing safetensors", 0.7)
+    progress("dequantizing GGUF weights", 0.1)
+    with _tensor_progress(progress, 0.1, 0.7):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=CONVERTED_DTYPE)
+    progress("writing safetensors (bfloat16)", 0.7)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
     # dequantized tensors with safetensors and the config without the GGUF quantization entry.
     tmp.mkdir(parents=True)
@@ -62,7 +99,7 @@ def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
     model.generation_config.save_pretrained(str(tmp))
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(tmp))
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}))
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size, "dtype": "bfloat16"}))
     del model
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)  # atomic: a half-written conversion is never used
