@@ -127,7 +127,10 @@ def run(
         from fmchat.conversation import Conversation
 
         probe = Conversation(config, save=False)
-        config = config.override(model=probe.saved_model(session_id))  # continue on the model it was recorded with
+        try:
+            config = config.override(model=probe.saved_model(session_id))  # continue on the model it was recorded with
+        finally:
+            probe.close()
     conv = open_conversation(config, save=save)
     if session_id is not None:
         r = conv.resume(session_id, system=config.system)  # a --system given now wins over the saved one
