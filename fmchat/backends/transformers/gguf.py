@@ -7,7 +7,6 @@ per weight, so bfloat16 (8 bits of mantissa) keeps nearly all of a Q4/Q5 file's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,9 +25,11 @@ CONVERTED_DTYPE = torch.bfloat16
 
 
 def _gguf_key(path: Path) -> str:
-    st = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{path.stem}-{digest}-bf16"  # the dtype in the key: a float32 copy from an older fmchat is not reused
+    """What the file holds, not where it is: the same bytes reached as an Ollama blob, an LM Studio file, a hard link
+    or a copy share one conversion, and a changed file gets a new one (see ``model_stores.content_key``)."""
+    from fmchat import model_stores
+
+    return f"{model_stores.content_key(path)}-bf16"  # the dtype in the key: a float32 copy from an older fmchat is not reused
 
 
 def converted_dir(gguf: Path) -> Path:
