@@ -18,13 +18,14 @@ another state it is deferred (cancelling a reply first where that is the point) 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -36,7 +37,7 @@ from fmchat import settings as settings_mod
 from fmchat.config import RunConfig
 from fmchat.conversation import Conversation, describe_load, load_backend
 from fmchat.errors import FmchatError, describe
-from fmchat.text import neutralize
+from fmchat.text import neutralize, one_newline
 
 from .messages import Loaded, LoadFailed, LoadStep, RestoreDone, RestoreStep, SaveWarning, SessionOpened
 from .screens.help import HelpScreen
@@ -56,13 +57,13 @@ class FmchatApp(App):
     SUB_TITLE = "what inference really costs"
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape", "cancel", "Cancel reply"),
+        Binding("escape", "cancel", "Cancel"),  # short: the footer has room for every shown key at 120 columns
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+r", "retry", "Retry"),
         Binding("ctrl+y", "copy_reply", "Copy reply", show=False),
         Binding("f2", "settings", "Settings"),
         Binding("f3", "toggle_panel", "Panel"),
-        Binding("f4", "sessions", "Sessions", show=False),
+        Binding("f4", "sessions", "Sessions"),
         Binding("ctrl+t", "change_theme", "Theme", show=False),
         Binding("f1", "help", "Keys"),
         Binding("pageup", "scroll_chat(-1)", "Scroll up", show=False),
@@ -105,6 +106,24 @@ class FmchatApp(App):
         for theme in loaded.themes:
             self.register_theme(theme)
         self.theme_problems = loaded.problems
+
+    def get_driver_class(self):
+        """Textual's driver, except on a Linux/macOS terminal: there ``FmchatDriver``, whose parser keeps a
+        bracketed paste whole and in order (see ``fmchat/tui/terminal.py``)."""
+        from textual import constants
+
+        if constants.DRIVER is not None or sys.platform == "win32":
+            return super().get_driver_class()
+        from .terminal import FmchatDriver
+
+        return FmchatDriver
+
+    async def on_event(self, event: events.Event) -> None:
+        # A paste goes to the focused widget. The message box keeps control characters (shown as pictures, sent
+        # as pasted); any other field (settings, session search, rename, palette) gets the pictures themselves.
+        if isinstance(event, events.Paste) and not event.is_forwarded and not isinstance(self.focused, ChatInput):
+            event = events.Paste(neutralize(one_newline(event.text)))
+        await super().on_event(event)
 
     # ------------------------------------------------------------------ state
     def _enter(self, new: AppState) -> None:
@@ -439,8 +458,10 @@ class FmchatApp(App):
         return []
 
     def action_scroll_chat(self, direction: int) -> None:
+        """PgUp / PgDn, wherever the focus is. Scrolling up holds the view still while a reply streams; back at
+        the bottom (PgDn, or the mouse) it follows new text again (the chat view's anchor)."""
         chat = self.chat
-        (chat.scroll_page_down if direction > 0 else chat.scroll_page_up)()
+        (chat.scroll_page_down if direction > 0 else chat.scroll_page_up)(animate=False)  # a page at once
 
     def apply_settings(self, new: RunConfig | None) -> None:
         """New settings from the pane: applied to the chat from the next turn, or by a reload when a setting

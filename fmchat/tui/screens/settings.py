@@ -66,6 +66,16 @@ class ChoiceSet(RadioSet):
         ]
         super().__init__(*buttons, id=f"set-{name}", **kwargs)
 
+    def on_mount(self) -> None:
+        # RadioSet's own mount (which runs after this handler) highlights the first enabled choice; once it has
+        # run, move the highlight to the selected one.
+        self.call_later(self._highlight_selected)
+
+    def _highlight_selected(self) -> None:
+        i = self.pressed_index
+        if i >= 0 and not self._nodes[i].disabled:
+            self._selected = i
+
     @property
     def selected(self) -> str | None:
         i = self.pressed_index

@@ -18,15 +18,20 @@ from typing import ClassVar
 
 from rich.text import Text
 from textual import events, work
+from textual.actions import SkipAction
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.content import Content
 from textual.message import Message
 from textual.widgets import Markdown, Static, TextArea
+from textual.widgets.text_area import Document, DocumentNavigator, EditResult, Location, WrappedDocument
 
 from fmchat.engine import ContextOverflow, TextDelta, TurnDone, TurnStarted, TurnStats
 from fmchat.errors import FmchatError, describe
-from fmchat.text import neutralize
+from fmchat.text import neutralize, one_newline, pictures
+
+# Keys the app binds that TextArea binds too (redo, cursor page up/down): in the message box they are the app's.
+APP_KEYS = ("ctrl+y", "pageup", "pagedown")
 
 
 def plain(text: str, style: str = "") -> Text:
@@ -110,15 +115,62 @@ class AssistantMessage(Vertical):
             await self.markdown.update("*(no text)*")
 
 
+class TypedDocument(Document):
+    """The message box's document: the text exactly as typed or pasted, control characters included, shown with
+    each control character as one visible picture (``fmchat.text.pictures``: ␛ for ESC, ␇ for BEL...).
+
+    The lines the text area draws, wraps and moves the cursor over are the pictures; ``text`` and
+    ``get_text_range`` (what is sent, copied, cut, or put back by undo) are the real characters. One picture
+    per character keeps every (row, column) the same in both. A line break is a newline however it came.
+    """
+
+    def __init__(self, text: str) -> None:
+        text = one_newline(text)
+        super().__init__(pictures(text))
+        self._typed: list[str] = text.split("\n")  # the real lines, row for row with self._lines
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self._typed)
+
+    def get_text_range(self, start: Location, end: Location) -> str:
+        if start == end:
+            return ""
+        (top_row, top_col), (bottom_row, bottom_col) = sorted((start, end))
+        typed = self._typed
+        if top_row == bottom_row:
+            return typed[top_row][top_col:bottom_col]
+        text = typed[top_row][top_col:] + "".join("\n" + typed[row] for row in range(top_row + 1, bottom_row))
+        if bottom_row < len(typed):
+            text += "\n" + typed[bottom_row][:bottom_col]
+        return text
+
+    def replace_range(self, start: Location, end: Location, text: str) -> EditResult:
+        text = one_newline(text)
+        top, bottom = sorted((start, end))
+        (top_row, top_col), (bottom_row, bottom_col) = top, bottom
+        replaced = self.get_text_range(top, bottom)
+        shown = super().replace_range(start, end, pictures(text))  # the same splice on the pictures
+        typed = self._typed
+        lines = text.split("\n")
+        lines[0] = (typed[top_row][:top_col] if top_row < len(typed) else "") + lines[0]
+        lines[-1] += typed[bottom_row][bottom_col:] if bottom_row < len(typed) else ""
+        typed[top_row : bottom_row + 1] = lines
+        return EditResult(shown.end_location, replaced)
+
+
 class ChatInput(TextArea):
     """Multi-line input: Enter sends; Ctrl+J (or Shift+Enter / Alt+Enter where the terminal reports them)
-    inserts a newline."""
+    inserts a newline. ``text`` is what was typed or pasted, control characters included (each shown as its
+    picture, see ``TypedDocument``); that is what is sent."""
 
     # Shown in the footer. The keys themselves are handled in _on_key, in order with the typed characters
     # (a priority binding would run before characters typed in the same burst reach the text).
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "send", "Send", show=True),
         Binding("ctrl+j", "newline", "Newline", show=True),
+        # The app's keys that TextArea would take (redo, cursor page up/down): passed on to the app's bindings.
+        Binding(",".join(APP_KEYS), "pass_to_app", show=False),
     ]
     NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 
@@ -129,6 +181,17 @@ class ChatInput(TextArea):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+
+    def _set_document(self, text: str, language: str | None) -> None:
+        # TextArea (Textual 8.2) builds its plain Document here, on creation and on every ``text = ...``.
+        super()._set_document(text, language)
+        self.document = TypedDocument(text)
+        self.wrapped_document = WrappedDocument(self.document, tab_width=self.indent_width)
+        self.navigator = DocumentNavigator(self.wrapped_document)
+        self._rewrap_and_refresh_virtual_size()
+
+    def action_pass_to_app(self) -> None:
+        raise SkipAction()  # the binding lookup goes on up to the app
 
     def action_send(self) -> None:
         text = self.text
