@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,145 @@ def test_one_row_gemvs_match_the_dequantized_matmul(compiled):
         got8 = ig(x, lin.weight_int8, lin.scales)
         assert got8.shape == (1, n) and got8.dtype == torch.bfloat16
         torch.testing.assert_close(got8.double(), want8, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ quantizing while loading (streamed weights)
+@pytest.mark.parametrize("cls", [kq.Int8Linear, kq.Int4Linear, kq.Log8Linear])
+def test_from_weight_in_row_chunks_equals_one_pass(cls, monkeypatch):
+    """from_weight quantizes a chunk of rows at a time (bounded float32 temporaries): the same bits as one pass, for
+    a bf16 weight (upcast chunk by chunk) as for its float32 copy, with a last chunk that is not a whole block."""
+    from fmchat_kernels.quant import common
+
+    w = torch.cat([weights("heavy", 3), weights("normal", 4), weights("heavy", 5)])[:272].to(torch.bfloat16)  # 272 rows
+    bias = torch.randn(272)
+    monkeypatch.setattr(common, "QUANT_CHUNK_ELEMS", 1 << 30)
+    whole = cls.from_weight(w.float(), bias).state_dict()
+    monkeypatch.setattr(common, "QUANT_CHUNK_ELEMS", 64 * K)  # 64-row chunks: 5 of them, the last 16 rows
+    assert [r.stop - r.start for r in common.row_chunks(272, K)] == [64, 64, 64, 64, 16]
+    chunked = cls.from_weight(w, bias).state_dict()
+    assert whole.keys() == chunked.keys()
+    for k, t in whole.items():
+        assert t.dtype == chunked[k].dtype and torch.equal(t, chunked[k]), k
+
+
+def _bf16_copy(src: Path, dst: Path, shard: bool) -> Path:
+    """The model in ``src`` saved again as bf16 safetensors (sharded, with an index, when ``shard``) + its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    model.save_pretrained(str(dst), max_shard_size="300KB" if shard else "10GB")
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory, smol_tokenizer):
+    """bf16 checkpoints: Llama with tied embeddings, sharded (an index + 2+ files); Qwen2 (biases on q, k, v);
+    Phi-3 (fused qkv and gate_up projections). And Qwen2 as saved, in float32 (a bias and its weight both read as
+    they are stored)."""
+    from conftest import build_tiny_model
+
+    out = {}
+    cases = (("llama", {"tie_word_embeddings": True}, True), ("qwen2", {}, False), ("phi3", {}, False))
+    for arch, extra, shard in cases:
+        fp32 = build_tiny_model(tmp_path_factory.mktemp(f"fp32-{arch}"), smol_tokenizer, arch, **extra)
+        out[arch] = _bf16_copy(fp32, tmp_path_factory.mktemp(f"bf16-{arch}"), shard)
+        if arch == "qwen2":
+            out["qwen2-float32"] = fp32
+    assert (out["llama"] / "model.safetensors.index.json").is_file()
+    assert len(list(out["llama"].glob("model-*.safetensors"))) >= 2
+    return out
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k, t in sa.items():
+        assert t.dtype == sb[k].dtype and t.shape == sb[k].shape and torch.equal(t, sb[k]), k
+    bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())  # non-persistent ones too (RoPE's inv_freq)
+    assert bufs_a.keys() == bufs_b.keys()
+    for k, t in bufs_a.items():
+        assert t.dtype == bufs_b[k].dtype and torch.equal(t, bufs_b[k]), k
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen2-float32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "log8"])
+def test_streamed_quantization_equals_quantizing_the_float32_model(bf16_models, arch, scheme):
+    """The streamed load (each bf16 tensor quantized as it is read) holds bit for bit what quantize_model makes from
+    the whole model loaded in float32 (the previous way), reports the same, and says so per tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+
+    path = bf16_models[arch]
+    steps = []
+    # one thread (load_backend sets it for the process, the reference below too): on a shared 2-core CPU the many
+    # small per-chunk ops of log8 on a 49k x 64 table wait on the second thread far longer than they compute
+    config = RunConfig(model=str(path), device="cpu", quant=scheme, threads=1)
+    b = load_backend(config, progress=lambda s, f: steps.append((s, f)))
+    assert b.weights_load == "streamed" and b.dtype == "bfloat16"
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    report = kq.quantize_model(ref, scheme, rest_dtype=torch.bfloat16)
+    _same_weights(b.model, ref)
+    got = b.quant_report
+    assert (got.quantized, got.skipped, got.bytes_before, got.bytes_after) == (
+        report.quantized, report.skipped, report.bytes_before, report.bytes_after)  # fmt: skip
+    if arch == "llama":  # tied: the head is the embedding's store, held once
+        assert b.model.lm_head is b.model.model.embed_tokens.store
+    assert b.model.generation_config.eos_token_id == ref.generation_config.eos_token_id
+    per_tensor = [f for s, f in steps if s.startswith(f"loading and quantizing weights ({scheme})")]
+    n = len({id(p) for p in AutoModelForCausalLM.from_pretrained(str(path)).parameters()})
+    assert len(per_tensor) == n and per_tensor == sorted(per_tensor) and per_tensor[-1] == 1.0
+
+
+@pytest.mark.parametrize(("arch", "quant", "dtype", "how"), [
+    ("llama", "none", "float32", "streamed"),  # bf16 checkpoint, upcast tensor by tensor
+    ("qwen2", "fp16", "auto", "streamed"),  # bf16 -> fp16
+    ("phi3", "bf16", "auto", "mapped"),  # already bf16: transformers maps the file, no copy
+    ("phi3", "none", "bfloat16", "mapped"),
+])  # fmt: skip
+def test_streamed_and_mapped_casts_equal_from_pretrained(bf16_models, arch, quant, dtype, how):
+    from transformers import AutoModelForCausalLM
+
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+
+    path = bf16_models[arch]
+    steps = []
+    config = RunConfig(model=str(path), device="cpu", quant=quant, dtype=dtype)
+    b = load_backend(config, progress=lambda s, f: steps.append((s, f)))
+    assert b.weights_load == how
+    per_tensor = [f for s, f in steps if s.endswith(" tensors")]  # "loading weights (float32): 3/24 tensors"
+    assert len(per_tensor) >= 10 and per_tensor == sorted(per_tensor) and per_tensor[-1] == 1.0
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(quant) or getattr(torch, dtype)
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=target)
+    if quant != "none":
+        kq.quantize_model(ref, quant)
+    _same_weights(b.model, ref)
+
+
+def test_float32_checkpoint_to_bf16_streams_and_other_layouts_load_in_full(tiny_model, tmp_path):
+    """A float32 checkpoint at bf16 is streamed too (the previous way: from_pretrained at bf16, then marked); a
+    checkpoint the streamed path cannot read one to one (here .bin files) loads the previous way, and says why."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+
+    b = load_backend(RunConfig(model=str(tiny_model), device="cpu", quant="bf16"))
+    assert b.weights_load == "streamed"
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.bfloat16)
+    kq.quantize_model(ref, "bf16")
+    _same_weights(b.model, ref)
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    model.config.save_pretrained(str(tmp_path))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(tmp_path))
+    assert not list(tmp_path.glob("*.safetensors"))
+    full = load_backend(RunConfig(model=str(tmp_path), device="cpu", quant="int8"))
+    assert full.weights_load == "full (no safetensors weights)"
+    streamed = load_backend(RunConfig(model=str(tiny_model), device="cpu", quant="int8"))
+    _same_weights(full.model, streamed.model)

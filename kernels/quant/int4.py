@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers torch.ops.kernels_quant.*)
-from .common import HAS_INT4_CPU, QuantizedLinear
+from .common import HAS_INT4_CPU, QuantizedLinear, row_chunks
 
 INT4_GROUP = 32
 
@@ -31,16 +31,20 @@ class Int4Linear(QuantizedLinear):
         n, k = weight.shape
         layout = "cpu" if (weight.device.type == "cpu" and HAS_INT4_CPU) else "nibble"
         m = cls(k, n, bias, compute_dtype, group_size, layout, device=weight.device)
-        w = weight.detach().float().reshape(n, k // group_size, group_size)
-        lo, hi = w.amin(dim=2), w.amax(dim=2)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-8).to(torch.bfloat16).float()
-        zero = (lo + 8.0 * scale).to(torch.bfloat16).float()  # value of code 8
-        q = torch.round((w - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.int32).reshape(n, k)
-        if layout == "cpu":
-            m.weight_int4.copy_(torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        else:
-            m.weight_int4.copy_((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))
-        m.scales_zeros.copy_(torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16))
+        with torch.no_grad():
+            for rows in row_chunks(n, k):  # whole 64-row blocks: the CPU packing packs each block on its own
+                r = rows.stop - rows.start
+                w = weight[rows].detach().float().reshape(r, k // group_size, group_size)
+                lo, hi = w.amin(dim=2), w.amax(dim=2)
+                scale = ((hi - lo) / 15.0).clamp_min(1e-8).to(torch.bfloat16).float()
+                zero = (lo + 8.0 * scale).to(torch.bfloat16).float()  # value of code 8
+                q = torch.round((w - zero[..., None]) / scale[..., None] + 8.0).clamp_(0, 15).to(torch.int32)
+                q = q.reshape(r, k)
+                if layout == "cpu":
+                    m.weight_int4[rows] = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                else:
+                    m.weight_int4[rows] = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+                m.scales_zeros[:, rows] = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16)
         return m
 
     def _unpack(self) -> torch.Tensor:  # nibble layout -> int codes [N, K]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops  # noqa: F401  (registers torch.ops.kernels_quant.*)
-from .common import HAS_INT8_MM, QuantizedLinear
+from .common import HAS_INT8_MM, QuantizedLinear, row_chunks
 from .gemv import int8_gemv
 
 
@@ -22,10 +22,12 @@ class Int8Linear(QuantizedLinear):
     def from_weight(cls, weight: torch.Tensor, bias=None, compute_dtype=torch.bfloat16) -> Int8Linear:
         n, k = weight.shape
         m = cls(k, n, bias, compute_dtype, device=weight.device)
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        m.weight_int8.copy_(torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8))
-        m.scales.copy_(scales)
+        with torch.no_grad():
+            for rows in row_chunks(n, k):  # float32 copies of one chunk at a time (any input dtype)
+                w = weight[rows].detach().float()
+                scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+                m.weight_int8[rows] = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+                m.scales[rows] = scales
         return m
 
     def _mm(self, x2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import QuantizedLinear
+from .common import QuantizedLinear, row_chunks
 
 LOG8_RANGES = (4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0)  # candidate log2 ranges (octaves) per channel
 LOG8_SEARCH_COLS = 128  # columns per row on which the log range is chosen
@@ -47,23 +47,26 @@ class Log8Linear(QuantizedLinear):
     def from_weight(cls, weight, bias=None, compute_dtype=torch.float32) -> Log8Linear:
         n, k = weight.shape
         m = cls(k, n, bias, compute_dtype, device=weight.device)
-        w = weight.detach().float()
-        # Per channel, pick the log range with the least squared error, judged on a column sample (plus
-        # each row's largest weight, which fixes the top of the range), then encode the full rows once.
-        cols = torch.arange(0, k, max(1, k // LOG8_SEARCH_COLS), device=w.device)
-        sample = torch.cat([w[:, cols], w.gather(1, w.abs().argmax(dim=1, keepdim=True))], dim=1)
-        best_err = torch.full((n,), float("inf"), device=w.device)
-        best = torch.full((n,), LOG8_RANGES[0], device=w.device)
-        for r in LOG8_RANGES:
-            octaves = torch.full((n,), r, device=w.device)
-            err = (_log8_decode(*_log8_encode(sample, octaves)) - sample).pow(2).sum(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, octaves, best)
-        codes, lo, step = _log8_encode(w, best)
-        m.codes.copy_(codes)
-        m.log_lo.copy_(lo)
-        m.log_step.copy_(step)
+        cols = torch.arange(0, k, max(1, k // LOG8_SEARCH_COLS), device=weight.device)
+        with torch.no_grad():
+            for rows in row_chunks(n, k):  # float32 copies of one chunk of rows at a time
+                w = weight[rows].detach().float()
+                r = w.shape[0]
+                # Per channel, pick the log range with the least squared error, judged on a column sample (plus
+                # each row's largest weight, which fixes the top of the range), then encode the full rows once.
+                sample = torch.cat([w[:, cols], w.gather(1, w.abs().argmax(dim=1, keepdim=True))], dim=1)
+                best_err = torch.full((r,), float("inf"), device=w.device)
+                best = torch.full((r,), LOG8_RANGES[0], device=w.device)
+                for span in LOG8_RANGES:
+                    octaves = torch.full((r,), span, device=w.device)
+                    err = (_log8_decode(*_log8_encode(sample, octaves)) - sample).pow(2).sum(dim=1)
+                    better = err < best_err
+                    best_err = torch.where(better, err, best_err)
+                    best = torch.where(better, octaves, best)
+                codes, lo, step = _log8_encode(w, best)
+                m.codes[rows] = codes
+                m.log_lo[rows] = lo
+                m.log_step[rows] = step
         return m
 
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:

@@ -64,6 +64,8 @@ def quantize_model(
     group_size: int = INT4_GROUP,
     rest_dtype: torch.dtype | None = None,
     progress: Callable[[str, float | None], None] | None = None,
+    fetch: Callable[[str], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
 ) -> QuantReport:
     """Quantize ``model`` in place with ``scheme`` and return what was done.
 
@@ -73,6 +75,15 @@ def quantize_model(
     the output head is tied to it, the head becomes that same store (one table, used both ways).
     ``rest_dtype``: for int8/int4/log8, cast the parameters left unquantized (embeddings, norms, output
     head) to this dtype afterwards; quantized layers keep their own store.
+
+    ``fetch`` (int8/int4/log8 only): quantize while loading. The model is then a skeleton whose parameters are on the
+    meta device (buffers real), and ``fetch(name)`` returns the checkpoint tensor of the parameter ``name`` (as
+    ``model.named_parameters()`` names it; tied parameters once, under their first name), in any float dtype; it
+    may be a view of a buffer that the next fetch overwrites (it is read, or copied, never kept). Each
+    tensor is moved to ``device``, quantized (``from_weight`` upcasts one chunk of rows at a time to float32, so the
+    codes are bit-identical to quantizing a float32 copy of the model) or converted to ``rest_dtype`` (default: the
+    skeleton's dtype), and dropped before the next is fetched: the loading peak is the result plus about one tensor.
+    ``progress`` then hears of every tensor.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme '{scheme}' (use {', '.join(SCHEMES)})")
@@ -80,7 +91,10 @@ def quantize_model(
         raise AlreadyQuantized(
             f"model is already quantized ({getattr(model, '_quant_scheme', '?')}); reload the original weights to switch"
         )
-    report = QuantReport(scheme, bytes_before=model_bytes(model))
+    if fetch is not None and scheme not in LINEAR_CLASSES:
+        raise ValueError(f"quantizing while loading is for {', '.join(LINEAR_CLASSES)}; load '{scheme}' at its dtype")
+    streaming = fetch is not None
+    report = QuantReport(scheme, bytes_before=_skeleton_bytes(model) if streaming else model_bytes(model))
     if scheme == "none":
         report.bytes_after = report.bytes_before
         return report
@@ -90,9 +104,10 @@ def quantize_model(
         report.bytes_after = model_bytes(model)
         return report
     cls = LINEAR_CLASSES[scheme]
+    take = _Loader(model, scheme, fetch, device, progress) if streaming else None
     tied_head = None
     if embeddings and hasattr(model, "get_input_embeddings"):
-        tied_head = _quantize_embeddings(model, scheme, rest_dtype, report)
+        tied_head = _quantize_embeddings(model, scheme, rest_dtype, report, take)
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for i, (name, lin) in enumerate(targets):
         if isinstance(lin, QuantizedLinear) or lin is tied_head:
@@ -103,18 +118,25 @@ def quantize_model(
         if scheme == "int4" and lin.in_features % group_size:
             report.skipped.append(f"{name} (in_features {lin.in_features} not a multiple of {group_size})")
             continue
-        cd = compute_dtype or default_compute_dtype(scheme, lin.weight.device)
         kw = {"group_size": group_size} if scheme == "int4" else {}
         with torch.no_grad():
-            q = cls.from_weight(lin.weight, lin.bias, compute_dtype=cd, **kw)
+            if take is None:
+                cd = compute_dtype or default_compute_dtype(scheme, lin.weight.device)
+                q = cls.from_weight(lin.weight, lin.bias, compute_dtype=cd, **kw)
+            else:  # the bias as float32, as the in-place path (a float32 model) passes it; a copy, read first
+                cd = compute_dtype or default_compute_dtype(scheme, torch.device(device))
+                bias = None if lin.bias is None else take(lin.bias).to(torch.float32, copy=True)
+                q = cls.from_weight(take(lin.weight), bias, compute_dtype=cd, **kw)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)  # the nn.Linear (and its weight, unless shared elsewhere) is now unreferenced
         report.quantized.append(name)
         del lin, q
-        if progress and (i % 8 == 0 or i == len(targets) - 1):
+        if progress and take is None and (i % 8 == 0 or i == len(targets) - 1):
             progress(f"quantizing to {scheme}: {i + 1}/{len(targets)} linear layers", (i + 1) / len(targets))
     del targets
+    if take is not None:
+        take.rest(rest_dtype)
     if rest_dtype is not None:
         for mod in model.modules():
             if isinstance(mod, QuantizedLinear):
@@ -123,13 +145,13 @@ def quantize_model(
                 if p.is_floating_point() and p.dtype != rest_dtype:
                     p.data = p.data.to(rest_dtype)
     gc.collect()
-    _release_freed_memory()
+    release_freed_memory()
     model._quant_scheme = scheme
     report.bytes_after = model_bytes(model)
     return report
 
 
-def _quantize_embeddings(model, scheme, rest_dtype, report) -> nn.Module | None:
+def _quantize_embeddings(model, scheme, rest_dtype, report, take=None) -> nn.Module | None:
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         return None
@@ -138,9 +160,11 @@ def _quantize_embeddings(model, scheme, rest_dtype, report) -> nn.Module | None:
     es = EMBED_SCHEME[scheme]
     cls = LINEAR_CLASSES[es]
     out_dtype = rest_dtype or emb.weight.dtype
-    compute = default_compute_dtype(es, emb.weight.device)
     with torch.no_grad():
-        store = cls.from_weight(emb.weight, None, compute_dtype=compute)
+        if take is None:
+            store = cls.from_weight(emb.weight, None, compute_dtype=default_compute_dtype(es, emb.weight.device))
+        else:
+            store = cls.from_weight(take(emb.weight), None, compute_dtype=default_compute_dtype(es, take.device))
     names = {id(m): n for n, m in model.named_modules()}
     emb_name = names[id(emb)]
     parent, _, child = emb_name.rpartition(".")
@@ -155,7 +179,55 @@ def _quantize_embeddings(model, scheme, rest_dtype, report) -> nn.Module | None:
     return None
 
 
-def _release_freed_memory() -> None:
+class _Loader:
+    """Streaming: the checkpoint tensor of each meta parameter, fetched once, on the device, with progress."""
+
+    def __init__(self, model: nn.Module, scheme: str, fetch: Callable[[str], torch.Tensor], device, progress):
+        self.model, self.scheme, self.fetch, self.progress = model, scheme, fetch, progress
+        self.device = torch.device(device)
+        self.names = {id(p): name for name, p in model.named_parameters()}  # tied parameters once, first name
+        self.done = 0
+
+    def __call__(self, param: torch.Tensor) -> torch.Tensor:
+        if param.device.type != "meta":
+            raise ValueError("quantizing while loading needs a model whose parameters are on the meta device")
+        name = self.names[id(param)]
+        t = self.fetch(name)
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: the checkpoint has shape {tuple(t.shape)}, the model {tuple(param.shape)}")
+        if t.is_floating_point() and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            t = t.float()  # e.g. float64: round once, to float32, as loading a float32 model does
+        self.done += 1
+        if self.progress:
+            n = len(self.names)
+            self.progress(f"loading and quantizing weights ({self.scheme}): {self.done}/{n} tensors", self.done / n)
+        return t.to(self.device)
+
+    def rest(self, dtype: torch.dtype | None) -> None:
+        """Load every parameter still on the meta device (norms, the output head, ...) at ``dtype`` (default: the
+        skeleton's), each tied parameter once, set on every module that holds it."""
+        holders: dict[int, list] = {}
+        for mod in self.model.modules():
+            for attr, p in mod._parameters.items():
+                if p is not None and p.device.type == "meta":
+                    holders.setdefault(id(p), []).append((mod, attr, p))
+        for group in holders.values():
+            p = group[0][2]
+            t = self(p)
+            t = t.to(dtype or p.dtype if t.is_floating_point() else p.dtype, copy=True)  # fetch's tensor is not kept
+            new = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
+            for mod, attr, _ in group:
+                mod._parameters[attr] = new
+            del t, new
+
+
+def _skeleton_bytes(model: nn.Module) -> int:
+    """What ``model_bytes`` would count once the skeleton's meta parameters were loaded at their dtype."""
+    params = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(params.values()) + _storage_bytes(b for b in model.buffers() if b.device.type != "meta")
+
+
+def release_freed_memory() -> None:
     """Hand the freed full-precision weights back to the OS (glibc keeps freed heap pages otherwise)."""
     try:
         import ctypes
