@@ -211,3 +211,33 @@ def bench_kernels_cmd(
                       rounds=rounds, iters=iters, dtype=dtype, device=device, threads=threads, json_out=json_out)  # fmt: skip
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+@bench_app.command("shape")
+def bench_shape_cmd(
+    name: Annotated[str, typer.Argument(help="A shipped shape (phi-3.5, qwen2.5-0.5b, llama-3.2-1b) or a config.json path.")],
+    quant: Annotated[str, typer.Option("--quant", help="Comma-separated transformers rows, each in its own process: none,bf16,fp16,int8,int4,log8.")] = "bf16,int8,int4,log8",
+    llamacpp: Annotated[bool, typer.Option("--llamacpp/--no-llamacpp", help="Add the llama.cpp Q8_0 row on the same random weights.")] = True,
+    ttft_tokens: Annotated[int, typer.Option("--ttft-tokens", min=1, help="Prompt tokens for the TTFT column.")] = 512,
+    contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated context lengths (tokens) to decode at.")] = "128,1024",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded (timed) per context.")] = 16,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """What a model of this shape costs here, on random weights: load, peak RSS, weights, KV/token, TTFT, decode tok/s."""
+    from fmchat import registry
+    from fmchat.bench.shape import bench_shape
+
+    chosen = list(dict.fromkeys(csv_items(quant)))
+    if not chosen and not llamacpp:
+        raise UserError("--quant: name at least one row (or keep --llamacpp)")
+    for q in chosen:
+        registry.QUANTS.require(q)
+    if llamacpp:
+        registry.BACKENDS.require("llamacpp")  # "needs llama-cpp-python" where it is not installed
+    ctxs = positive_ints("--contexts", contexts)
+    try:
+        bench_shape(name, quants=chosen, llamacpp=llamacpp, ttft_tokens=ttft_tokens, contexts=ctxs, new_tokens=new_tokens,
+                    threads=threads, json_out=json_out)  # fmt: skip
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(str(exc)) from None
