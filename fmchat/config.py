@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 import fmchat.backends
 import fmchat.backends.transformers
 import fmchat.context  # noqa: F401  context policies
-from fmchat import registry
+from fmchat import registry, templates
 from fmchat.errors import UserError
 
 DEFAULT_THEME = "fmchat-dark"
@@ -44,6 +44,7 @@ class RunConfig:
     ctx: int | None = _f(None, "--ctx", help="Context window cap (tokens; default: the model's, at most 8192).", reload=True, min=16, label="Context size")  # fmt: skip
     threads: int | None = _f(None, "--threads", help="CPU threads (default: one per physical core).", reload=True, min=1, saved=False, label="Threads")  # fmt: skip
     gpu_layers: int = _f(0, "--gpu-layers", help="llama.cpp: layers offloaded to the GPU (-1 = all).", reload=True, min=-1, label="GPU layers")  # fmt: skip
+    chat_template: str | None = _f(None, "--chat-template", help="Chat template: a built-in (chatml, llama3, phi3, gemma, mistral) or a .jinja file (default: the model's own, else a built-in picked from its tokens).", reload=True, saved=False, label="Chat template")  # fmt: skip
     # how the chat runs (applied from the next turn, no reload)
     kv_cache: bool = _f(True, "--kv-cache/--no-kv-cache", help="Reuse the KV cache across turns.", label="KV cache")  # fmt: skip
     memory: str = _f("shift", "--memory", help="When the context window is full.", choices=registry.POLICIES, label="Memory policy")  # fmt: skip
@@ -84,6 +85,8 @@ class RunConfig:
                             "e.g. http://127.0.0.1:8080/v1")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             problems.append(f"server URL '{self.base_url}' must start with http:// or https://")
+        if p := templates.problem(self.chat_template):
+            problems.append(p)
         return problems
 
     def check(self) -> RunConfig:

@@ -80,12 +80,15 @@ class Resumed:
 
 class Conversation:
     """One chat built from one RunConfig. ``store``: a Store, a database path, or None for the default file;
-    ``save=False``: nothing is written (the store is still read to resume)."""
+    ``save=False``: nothing is written (the store is still read to resume); ``warn``: one-line warnings (a save that
+    failed); ``notice``: one-line notices (after a load: a chat template the model does not carry)."""
 
-    def __init__(self, config: RunConfig, *, store=None, save: bool = True, warn: WarnFn | None = None) -> None:
+    def __init__(self, config: RunConfig, *, store=None, save: bool = True, warn: WarnFn | None = None,
+                 notice: WarnFn | None = None) -> None:  # fmt: skip
         self.config = config
         self.save = save
         self.warn = warn or (lambda message: None)
+        self.notice = notice or (lambda message: None)
         self.session: ChatSession | None = None
         self.recorder = None
         self._store_arg = store
@@ -95,9 +98,9 @@ class Conversation:
     # ------------------------------------------------------------------ building
     @classmethod
     def open(cls, config: RunConfig, *, progress: ProgressFn = no_progress, store=None, save: bool = True,
-             warn: WarnFn | None = None) -> Conversation:  # fmt: skip
+             warn: WarnFn | None = None, notice: WarnFn | None = None) -> Conversation:  # fmt: skip
         """Validate ``config``, load its backend and build the chat."""
-        conv = cls(config, store=store, save=save, warn=warn)
+        conv = cls(config, store=store, save=save, warn=warn, notice=notice)
         if save:
             conv.store  # noqa: B018  a store that cannot be used (e.g. written by a newer fmchat) fails before the load
         conv.load(progress)
@@ -124,6 +127,8 @@ class Conversation:
         carries over; the new backend's cache starts empty and the next turn rebuilds it."""
         if config is not None:
             self.config = config
+        if not backend.chat_template_own:  # a built-in or a file: say which, once per load
+            self.notice(f"chat template: {backend.chat_template}")
         if self.session is None:
             self.session = ChatSession(backend, session_config(self.config))
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -12,6 +13,12 @@ _ROOT = Path(os.environ.get("FMCHAT_TEST_HOME") or __import__("tempfile").mkdtem
 for var, sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
     os.environ[var] = str(_ROOT / sub)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Other tools' model stores (Ollama, LM Studio, llama.cpp) are found under $HOME or their own variables: a machine
+# that really has some must not change what the tests see.
+os.environ["HOME"] = str(_ROOT / "home")
+(_ROOT / "home").mkdir(parents=True, exist_ok=True)
+for var in ("OLLAMA_MODELS", "LLAMA_CACHE", "HF_HUB_CACHE", "HF_HOME"):
+    os.environ.pop(var, None)
 # The Triton kernel runs in Triton's interpreter where there is no GPU; it must be chosen before triton is imported.
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,7 +50,7 @@ def build_tiny_model(
 ) -> Path:
     """A small (2-layer by default) random model with the real tokenizer, saved as an HF directory."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import AutoModelForCausalLM, Cohere2Config, Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -59,7 +66,23 @@ def build_tiny_model(
         tie_word_embeddings=False,
         initializer_range=0.1,  # wider than the default so greedy logits are not all near-ties
     )
-    cfg = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config}[arch](**{**common, **extra})
+    if arch == "gemma3":  # hybrid: sliding-window and global layers, each type with its own RoPE (base, scaling)
+        common.update(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=16,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            },
+        )
+    if arch == "cohere2":  # hybrid: RoPE (interleaved pairs) on sliding-window layers, none on global layers
+        kinds = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        common.update(sliding_window=16, layer_types=kinds)
+    configs = {"llama": LlamaConfig, "phi3": Phi3Config, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig,
+               "cohere2": Cohere2Config}  # fmt: skip
+    cfg = configs[arch](**{**common, **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(path))
@@ -87,3 +110,36 @@ def make_session(model_dir, *, kv_cache=True, max_new_tokens=12, temperature=0.0
     backend = load_backend(RunConfig(model=str(model_dir), device="cpu", dtype=dtype, ctx=ctx))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     return ChatSession(backend, SessionConfig(system=system, kv_cache=kv_cache, ctx=ctx, gen=gen))
+
+
+def build_scripted_model(path: Path, tokenizer, reply: str, seed: int = 0) -> Path:
+    """A 1-layer Llama whose greedy reply to any chat prompt is ``reply`` (then end of turn): its attention and MLP
+    write nothing back (zero output projections), so the last hidden state is the last token's embedding, and the
+    output head maps each token of the chain (assistant header, the reply's tokens, end of turn) to the next one.
+    The reply's tokens must be distinct, so the chain has no loop."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    header = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    start = tokenizer.encode(header, add_special_tokens=False)[-1]
+    chain = [start, *tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+    assert len(set(chain)) == len(chain), "the reply's tokens must be distinct (and differ from the header's last)"
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        emb = torch.randn(cfg.vocab_size, cfg.hidden_size)
+        model.model.embed_tokens.weight.copy_(emb)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+        for a, b in itertools.pairwise(chain):
+            head[b] += 8 * emb[a] / emb[a].pow(2).mean().sqrt()  # the final RMSNorm scales each row to unit RMS
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path

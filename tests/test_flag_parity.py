@@ -21,7 +21,8 @@ runner = CliRunner()
 # here would pick e.g. "cuda"; these are the ones to prefer when they are offered).
 PREFERRED = {"quant": "int8", "kernel": "fmc", "compile": "on", "memory": "sliding", "device": "cpu", "dtype": "float32"}
 PLAIN = {"system": "Be brief.", "max_new_tokens": 3, "temperature": 0.25, "top_p": 0.5, "seed": 7, "ctx": 192, "threads": 1,
-         "gpu_layers": 1, "base_url": "http://127.0.0.1:9/v1", "api_model": "other-name", "kv_cache": False, "kv_snapshot_cap": 64}  # fmt: skip
+         "gpu_layers": 1, "base_url": "http://127.0.0.1:9/v1", "api_model": "other-name", "kv_cache": False, "kv_snapshot_cap": 64,
+         "chat_template": "chatml"}  # fmt: skip
 ENTRY_POINTS = {"run": ["run", "--no-save"], "chat --plain": ["chat", "--plain", "--no-save"], "chat": ["chat"], "fmchat": []}
 
 
@@ -63,6 +64,7 @@ def check_reached(conv, values: dict) -> None:
         "kv_cache": s.config.kv_cache, "memory": s.config.memory, "system": s.config.system,
         "max_new_tokens": s.config.gen.max_new_tokens, "temperature": s.config.gen.temperature,
         "top_p": s.config.gen.top_p, "seed": s.config.gen.seed, "threads": torch.get_num_threads(),
+        "chat_template": b.chat_template.split(" (")[0],
     }  # fmt: skip
     for name, value in values.items():
         if name in shown:

@@ -34,7 +34,7 @@ FLAG_FIELD = {flag: f.name for f in fields(RunConfig) for spec in f.metadata["fl
 
 # What the loaded backend reports for a Running row (the rest come from the config the chat runs with).
 REPORTED_BY_BACKEND = {"model": "model_name", "backend": "name", "device": "device", "dtype": "dtype",
-                       "quant": "quant", "kernel": "kernel", "compile": "decode_path"}  # fmt: skip
+                       "quant": "quant", "kernel": "kernel", "compile": "decode_path", "chat_template": "chat_template"}  # fmt: skip
 # A backend that lacks the capability reports its own value for the setting (llama.cpp: quant "gguf",
 # kernel "llama.cpp", decode path "llamacpp") instead of the one typed.
 CAPABILITY = {"quant": "quant", "kernel": "kernels", "compile": "compiled-step"}

@@ -70,6 +70,8 @@ class Backend(ABC):
     dtype: str  # as loaded: "bfloat16", a GGUF type such as "Q4_1", or "server"
     quant: str = "none"  # weight quantization as loaded: a kernels/quant scheme, "gguf", "server"
     kernel: str = ""  # attention implementation as loaded
+    chat_template: str = "—"  # which chat template renders the chat, and why (fmchat.templates)
+    chat_template_own: bool = True  # False: one the model does not carry (a built-in or a file), said once at load
     ctx_size: int | None  # context window (tokens); None when the backend cannot know it
     load_report: LoadReport
 

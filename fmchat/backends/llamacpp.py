@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fmchat import models
-from fmchat.errors import ModelNotFound, UserError
+from fmchat import models, templates
+from fmchat.errors import UserError
 
 from .base import KVShift, LoadReport, ProgressFn, TokenBackend, default_threads, no_progress
 
@@ -26,6 +26,16 @@ DEFAULT_CTX_CAP = 8192
 # general.file_type values of llama.cpp's GGUF writer (the common ones)
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
               12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip
+
+
+class _Vocab:
+    """``text in vocab``: whether ``text`` is one token of the loaded model's vocabulary."""
+
+    def __init__(self, token_id) -> None:
+        self.token_id = token_id
+
+    def __contains__(self, text: object) -> bool:
+        return isinstance(text, str) and self.token_id(text) is not None
 
 
 class LlamaCppBackend(TokenBackend, KVShift):
@@ -60,21 +70,19 @@ class LlamaCppBackend(TokenBackend, KVShift):
             self.llm.close()
             self.llm = llama_cpp.Llama(model_path=str(source.path), n_ctx=train_ctx,
                                        n_threads=options.threads or default_threads(), n_gpu_layers=gpu_layers, verbose=False)  # fmt: skip
-        template = md.get("tokenizer.chat_template")
-        if not template:
-            raise ModelNotFound(f"model '{source.name}' has no chat template in its GGUF metadata; fmchat needs a chat model")
+        own = templates.own_template(md.get("tokenizer.chat_template"))
+        self.template = templates.resolve(options.chat_template, own, md.get("general.architecture"), _Vocab(self._token_id))
+        self.chat_template = self.template.describe()
+        self.chat_template_own = self.template.own
         eos = self.llm.token_eos()
-        tokens = dict(
-            eos_token=self.llm.detokenize([eos], special=True).decode("utf-8", "replace"),
-            bos_token=self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace"),
-        )
-        self._formatter = Jinja2ChatFormatter(template, **tokens)
-        self._formatter_nogen = Jinja2ChatFormatter(template, add_generation_prompt=False, **tokens)
+        tokens = {"eos_token": self._token_text(eos), "bos_token": self._token_text(self.llm.token_bos())}
+        self._formatter = Jinja2ChatFormatter(self.template.source, **tokens)
+        self._formatter_nogen = Jinja2ChatFormatter(self.template.source, add_generation_prompt=False, **tokens)
         self.model_name = source.name
         self.device = "cuda" if gpu_layers and llama_cpp.llama_supports_gpu_offload() else "cpu"
         self.dtype = FILE_TYPES.get(int(md.get("general.file_type", -1)), "gguf")
         self.ctx_size = self.llm.n_ctx()
-        self.eos_token_ids = frozenset({eos} | self._eot_ids())
+        self.eos_token_ids = frozenset({eos} | self._eot_ids() | templates.stop_ids(self.template, self._token_id))
         n_layer = int(md.get(f"{arch}.block_count", 0))
         n_head = int(md.get(f"{arch}.attention.head_count", 1))
         n_head_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head))
@@ -85,6 +93,15 @@ class LlamaCppBackend(TokenBackend, KVShift):
         self._weights_bytes = int(llama_cpp.llama_model_size(self.llm.model))
         self.load_report = LoadReport(time.perf_counter() - t0, False, str(source.path))
         progress("ready", 1.0)
+
+    def _token_text(self, token: int) -> str:
+        """A token's text, special tokens included ("" for none, -1)."""
+        return "" if token < 0 else self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def _token_id(self, text: str) -> int | None:
+        """The id of the one token that is ``text`` (special tokens too), or None when it is not one token."""
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 and self._token_text(ids[0]) == text else None
 
     def _eot_ids(self) -> set[int]:
         vocab = self._llama_cpp.llama_model_get_vocab(self.llm.model)

@@ -39,6 +39,7 @@ class OpenAIBackend(TextBackend):
     kernel = "server"
     quant = "server"
     dtype = "server"
+    chat_template = "the server's"
 
     def __init__(self, options: RunConfig, progress: ProgressFn = no_progress, timeout: float = 60.0, retries: int = RETRIES,
                  backoff: float = 0.5):  # fmt: skip
@@ -69,6 +70,9 @@ class OpenAIBackend(TextBackend):
         self.device = self.base_url
         self.ctx_size = options.ctx  # unknown unless the user says
         self.eos_token_ids = frozenset()
+        if options.chat_template:  # the server renders the chat: say that the flag changes nothing here
+            self.chat_template = "the server's (--chat-template applies to the transformers and llamacpp backends)"
+            self.chat_template_own = False
         self.load_report = LoadReport(time.perf_counter() - t0, False, self.base_url)
         progress("ready", 1.0)
 

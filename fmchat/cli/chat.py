@@ -42,7 +42,8 @@ def open_conversation(config: RunConfig, *, save: bool = True, quiet: bool = Fal
     """Load the chat ``config`` describes, printing progress and the load line on stderr."""
     from fmchat.conversation import Conversation, describe_load
 
-    conv = Conversation.open(config, progress=progress_printer(quiet), save=save, warn=warn)
+    conv = Conversation.open(config, progress=progress_printer(quiet), save=save, warn=warn,
+                             notice=None if quiet else progress_printer())  # fmt: skip
     if not quiet:
         typer.echo(f"[fmchat] {describe_load(conv.backend)}", err=True)
     return conv
@@ -259,18 +260,45 @@ def repl(conv) -> None:
 # ---------------------------------------------------------------- models
 @app.command("models")
 def models_cmd(json_out: JsonOpt = False) -> None:
-    """List model aliases and whether each is available locally."""
+    """List model aliases and whether each is available locally, and the GGUFs other tools keep (Ollama, LM Studio,
+    llama.cpp, the Hugging Face cache) with the name --model takes for each."""
     from rich.console import Console
     from rich.table import Table
 
-    from fmchat import models
+    from fmchat import model_stores, models
 
-    rows = models.availability()
+    found = model_stores.discover()
+    rows = models.availability(found)
     if json_out:
-        print(json.dumps([{"alias": a.name, "description": a.description, "hub_id": a.hub_id, "available": ok, "where": where} for a, ok, where in rows]))
+        print(json.dumps({
+            "aliases": [{"alias": r.alias.name, "description": r.alias.description, "hub_id": r.alias.hub_id, "available": r.available,
+                         "where": r.where, "gguf": r.store.label if r.store else None} for r in rows],
+            "gguf": [{"store": e.store, "name": e.name, "also": list(e.also), "size": e.size, "path": str(e.path),
+                      "model": model_stores.gguf_general(e.path).get("general.name")} for e in found],
+        }))  # fmt: skip
         return
-    table = Table("alias", "model", "available", "where")
-    for a, ok, where in rows:
-        table.add_row(a.name + (" (default)" if a.name == models.DEFAULT_MODEL else ""), a.description, "yes" if ok else "no", where)
-    Console(highlight=False, width=max(140, Console().width)).print(table)
-    typer.echo("--model also takes a local HF directory, a .gguf file, or a hub id (org/name).")
+    console = Console(highlight=False, width=max(140, Console().width))
+    table = Table("alias", "model", "available")
+    table.add_column("where", overflow="fold")
+    for r in rows:
+        shown = r.alias.name + (" (default)" if r.alias.name == models.DEFAULT_MODEL else "")
+        table.add_row(shown, r.alias.description, "yes" if r.available else "no", r.where)
+    console.print(table)
+    if found:
+        table = Table("store", "--model", "model (GGUF general.name)", "size", title="GGUF files other tools keep")
+        table.add_column("path", overflow="fold")
+        for e in found:
+            table.add_row(e.store, e.name, str(model_stores.gguf_general(e.path).get("general.name") or ""), _size(e.size), str(e.path))
+        console.print(table)
+    else:
+        where = "; ".join(f"{store}: {', '.join(map(str, paths))}" for store, paths in model_stores.roots().items())
+        typer.echo(f"No GGUF files found in other tools' stores ({where}).")
+    typer.echo("--model takes an alias, a name from the GGUF table, a local HF directory, a .gguf file, or a hub id (org/name).")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -9,6 +9,7 @@ compiled (``compiled.py``). This backend owns its cache and does all the surgery
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,16 +17,27 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fmchat import models, registry
-from fmchat.errors import ModelNotFound, UserError
+from fmchat import models, registry, templates
+from fmchat.errors import UserError
 
 from ..base import AllLogits, KVShift, KVSnapshot, LoadReport, ProgressFn, TokenBackend, no_progress
+from .compat import CACHE_ARG
 from .gguf import CONVERTED_MARKER, convert_gguf, converted_dir, quiet_transformers
 
 if TYPE_CHECKING:
     from fmchat.config import RunConfig
 
 DEFAULT_CTX_CAP = 8192  # context window when the user sets none and the model allows more (tokens)
+
+
+def _model_type(weights: Path) -> str | None:
+    """The ``model_type`` of an HF model dir's config.json (None when it does not say)."""
+    try:
+        return json.loads((weights / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +65,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
     def __init__(self, source: models.ModelSource, options: RunConfig, progress: ProgressFn = no_progress):
         t0 = time.perf_counter()
         quiet_transformers()
-        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+        from transformers import AutoTokenizer, DynamicCache
 
         self._dev = pick_device(options.device)
         self._dtype = pick_dtype(options.dtype, self._dev)
@@ -63,17 +75,26 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         if "cast" in quant_caps:  # bf16 / fp16: the whole model at that dtype
             self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.quant]
         converted = False
+        template: templates.ChatTemplate | None = None
         if source.kind == "gguf":
             assert source.path is not None
             converted = not (converted_dir(source.path) / CONVERTED_MARKER).is_file()
+            if converted:  # decide the chat template from the GGUF's metadata before the (long) conversion runs
+                progress("reading GGUF metadata (chat template)", None)
+                template = templates.for_gguf(source.path, options.chat_template)
             weights = convert_gguf(source.path, progress)
         else:
             progress(f"locating {source.name}", None)
             weights = models.local_dir(source)
         progress("loading tokenizer", None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(weights))
-        if not self.tokenizer.chat_template:
-            raise ModelNotFound(f"model '{source.name}' has no chat template in its tokenizer; fmchat needs a chat model")
+        vocab = self.tokenizer.get_vocab()
+        if template is None:  # an HF dir, or a GGUF converted before: the tokenizer and config say it all
+            template = templates.resolve(options.chat_template, templates.own_template(self.tokenizer.chat_template),
+                                         _model_type(weights), vocab)  # fmt: skip
+        self.template = template
+        self.chat_template = template.describe()
+        self.chat_template_own = template.own
         progress(f"loading weights ({self._dtype_name()}, {self._dev})", None)
         registry.KERNELS.require(options.kernel)
         self.kernel = options.kernel
@@ -84,15 +105,13 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
             from .fmc import register
 
             register()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(weights), dtype=torch.float32 if "integer" in quant_caps else self._dtype, attn_implementation=self.kernel
-        )
-        self.model.to(self._dev).eval()
-        self.quant_report = None  # what quantize_model did (kernels/quant), when a scheme was applied
-        if self.quant != "none":  # int schemes quantize from the fp32 originals, then cast the rest to dtype
-            from fmchat_kernels.quant import quantize_model
+        from .loading import load_weights  # within a memory budget: see loading.py
 
-            self.quant_report = quantize_model(self.model, self.quant, rest_dtype=self._dtype, progress=progress)
+        loaded = load_weights(weights, quant=self.quant, integer="integer" in quant_caps, dtype=self._dtype,
+                              kernel=self.kernel, device=self._dev, progress=progress)  # fmt: skip
+        self.model = loaded.model
+        self.quant_report = loaded.quant_report  # what quantize_model did (kernels/quant), when a scheme was applied
+        self.weights_load = loaded.how  # "mapped", "streamed" or "full (why)"
         self._cache_cls = DynamicCache
 
         self.model_name = source.name
@@ -101,7 +120,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or DEFAULT_CTX_CAP
         self.ctx_size = min(options.ctx, max_pos) if options.ctx else min(DEFAULT_CTX_CAP, max_pos)
         self.cache = self._new_cache()  # after ctx_size: the fmc cache is preallocated to it
-        self.eos_token_ids = frozenset(self._eos_ids())
+        self.eos_token_ids = frozenset(self._eos_ids() | templates.stop_ids(self.template, vocab.get))
         self._weights_bytes = self._count_weights_bytes()
         self._step = None
         if options.compile != "off":
@@ -162,7 +181,8 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
 
     # ---------------------------------------------------------------- TokenBackend
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(list(messages), chat_template=self.template.source, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)  # fmt: skip
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -192,7 +212,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         pos = torch.arange(past, past + len(ids), device=self._dev)
         out = self.model(
             input_ids=input_ids,
-            past_key_values=self.cache,
+            **{CACHE_ARG: self.cache},
             use_cache=True,
             cache_position=pos,
             position_ids=pos.unsqueeze(0),
@@ -206,7 +226,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         """Like forward, but the logits of every position [n, vocab] (for perplexity)."""
         past = self.cached_tokens()
         pos = torch.arange(past, past + len(ids), device=self._dev)
-        out = self.model(input_ids=torch.tensor([list(ids)], device=self._dev), past_key_values=self.cache,
+        out = self.model(input_ids=torch.tensor([list(ids)], device=self._dev), **{CACHE_ARG: self.cache},
                          use_cache=True, cache_position=pos, position_ids=pos.unsqueeze(0))  # fmt: skip
         return out.logits[0].float()
 
@@ -214,27 +234,44 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
     @torch.inference_mode()
     def shift(self, n_keep: int, n_discard: int) -> str | None:
         """Remove cached positions [n_keep, n_keep + n_discard) and re-rotate the later keys to their new
-        positions, so nothing is re-prefilled. Returns None when done, or why it cannot be done exactly."""
-        from .rope import rope_inv_freq, shift_kv
+        positions, each layer with its own RoPE (``rope.py``), so nothing is re-prefilled. Returns None when done,
+        or why it cannot be done exactly (the cache is then unchanged)."""
+        from .rope import layer_ropes, shift_cells, shifted_first
 
-        inv_freq, why = rope_inv_freq(self.model)
-        if inv_freq is None:
-            return why
-        orig = getattr(self.model.config, "original_max_position_embeddings", None)
-        if "longrope" in why and orig and self.ctx_size > orig:
-            return f"longrope switches frequencies past {orig} tokens and this window is {self.ctx_size}"
+        ropes = layer_ropes(self.model, self.ctx_size)
+        if isinstance(ropes, str):
+            return ropes
         total = self.cached_tokens()
         if n_discard <= 0 or n_keep + n_discard > total:
             return f"nothing to shift ({n_keep}+{n_discard} of {total} tokens)"
-        for layer in self.cache.layers:
+        layers = list(self.cache.layers)
+        if len(layers) != len(ropes) or any(getattr(layer, "keys", None) is None for layer in layers):
+            return f"the cache's {len(layers)} layers do not match the model's {len(ropes)} decoder layers"
+        firsts = []  # the position each layer's first cell holds; all checks before any change
+        for layer in layers:
+            window = getattr(layer, "sliding_window", None)
+            if self.kernel == "fmc" or window is None:  # every position has its cell (fmc: the kernel masks the window)
+                firsts.append(0)
+                continue
+            # transformers' sliding-window layer: only the last W - 1 positions, the first at cumulative - cells
+            seen, cells = int(getattr(layer, "cumulative_length", total)), layer.keys.shape[-2]
+            missing = shifted_first(seen - cells, n_keep, n_discard) - max(0, total - n_discard - (window - 1))
+            if seen != total:
+                return f"a sliding-window layer has seen {seen} tokens, the cache {total}"
+            if missing > 0:
+                return (f"the sliding-window layers hold only their last {window - 1} tokens, and after this shift "
+                        f"their window would need {missing} earlier tokens they no longer hold")  # fmt: skip
+            firsts.append(seen - cells)
+        for layer, rope, first in zip(layers, ropes, firsts):
             if self.kernel == "fmc":  # preallocated buffers: shift in place, then lower the fill
-                k, v = shift_kv(layer.keys[:, :, :total], layer.values[:, :, :total], n_keep, n_discard, inv_freq)
+                k, v = shift_cells(layer.keys[:, :, :total], layer.values[:, :, :total], 0, n_keep, n_discard, rope)
                 layer.keys[:, :, : k.shape[2]] = k
                 layer.values[:, :, : v.shape[2]] = v
             else:
-                layer.keys, layer.values = (
-                    t.contiguous() for t in shift_kv(layer.keys, layer.values, n_keep, n_discard, inv_freq)
-                )
+                k, v = shift_cells(layer.keys, layer.values, first, n_keep, n_discard, rope)
+                layer.keys, layer.values = k.contiguous(), v.contiguous()
+                if hasattr(layer, "cumulative_length"):
+                    layer.cumulative_length -= n_discard
         if self.kernel == "fmc":
             self.cache.crop_to(total - n_discard)
         return None

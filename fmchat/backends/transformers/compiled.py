@@ -32,6 +32,8 @@ import torch
 from fmchat_kernels.attention import decode_attention_fused
 from fmchat_kernels.quant import float_gemv
 
+from .compat import CACHE_ARG
+
 # Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
 # ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
 COMPILE_CHOICES = ("off", "on")
@@ -155,7 +157,7 @@ class CompiledStep:
         t0 = time.perf_counter()
         self.cache.crop_to(0)
         try:
-            self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            self.model(input_ids=self.ids, **{CACHE_ARG: self.cache}, use_cache=True, logits_to_keep=1,
                        cache_position=torch.zeros(1, dtype=torch.long), position_ids=self.pos)  # fmt: skip
             # Python floats (the attention scale, the norms' eps) as constants, not as 0-d tensor inputs.
             with torch._dynamo.config.patch(specialize_float=True):

@@ -39,6 +39,7 @@ class Running:
     compile: str = "—"
     memory: str = "—"
     kv_cache: bool = True
+    chat_template: str = "—"  # which template renders the chat, and why (the backend's report)
 
     @classmethod
     def of(cls, backend, config) -> Running:
@@ -48,9 +49,9 @@ class Running:
         if backend is None:
             decode = "eager" if config.compile == "off" else f"compile {config.compile} (at load)"
             return cls(config.model or models.DEFAULT_MODEL, config.backend, config.device, config.dtype, config.quant,
-                       config.kernel, decode, config.memory, config.kv_cache)  # fmt: skip
+                       config.kernel, decode, config.memory, config.kv_cache, config.chat_template or "—")  # fmt: skip
         return cls(backend.model_name, backend.name, backend.device, backend.dtype, backend.quant or "none",
-                   backend.kernel or "—", backend.decode_path, config.memory, config.kv_cache)  # fmt: skip
+                   backend.kernel or "—", backend.decode_path, config.memory, config.kv_cache, backend.chat_template)  # fmt: skip
 
     def rows(self) -> list[tuple[str, str]]:
         return [(RUNNING_LABELS[f.name], self.text(f.name)) for f in fields(self)]
@@ -64,7 +65,8 @@ class Running:
 
 # The Running section's row label for each field (the pilot tests read the rows back by these labels).
 RUNNING_LABELS = {"model": "model", "backend": "backend", "device": "device", "dtype": "dtype", "quant": "quant",
-                  "kernel": "kernel", "compile": "decode", "memory": "memory", "kv_cache": "KV cache"}  # fmt: skip
+                  "kernel": "kernel", "compile": "decode", "memory": "memory", "kv_cache": "KV cache",
+                  "chat_template": "template"}  # fmt: skip
 
 # The figures a stats record carries (TurnStats field -> PanelState field).
 _FIGURES = {"ctx_used": "ctx_used", "ctx_size": "ctx_size", "seq_lens": "seq_lens", "kv_bytes": "kv_bytes",
