@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_session
+from conftest import build_scripted_model, build_tiny_model, make_session
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from typer.testing import CliRunner
 
@@ -150,7 +150,7 @@ def test_policies_keep_the_window_bounded_and_say_what_they_did(tiny_model, poli
         assert all(st.memory_action == "dropped" for st in acted)
         assert min(st.prefilled_tokens for st in acted) > ctx // 2  # the kept window is re-prefilled
     if policy == "summary":  # a random model's summary names things the turns did not: rejected, turns dropped
-        assert all("summary rejected" in st.memory_note for st in acted)
+        assert all("; summary rejected (it names " in st.memory_note for st in acted), acted[0].memory_note
 
 
 def test_unsupported_claims_catches_new_names_and_numbers():
@@ -199,3 +199,41 @@ def test_llamacpp_uses_its_own_kv_shift(default_gguf, tmp_path):
     assert len(rows) == 10 and all(row["ctx_used"] <= 256 for row in rows)
     shifted = [row for row in rows if row["memory_action"] == "shifted"]
     assert shifted and all(row["reused_tokens"] > row["prefilled_tokens"] for row in shifted)
+
+
+def test_summary_policy_keeps_a_valid_summary_in_the_window(smol_tokenizer, tmp_path):
+    """The accepted path: a model scripted to answer with a note that names nothing new; the dropped turns are
+    summarized into the memory note, which the next prompts carry after the system prompt."""
+    note = "user asked about sea and sky."
+    path = build_scripted_model(tmp_path / "scripted", smol_tokenizer, note)
+    s = make_session(path, ctx=192, max_new_tokens=16, system="Be brief.")
+    s.config.memory = "summary"
+    stats = [s.run_turn(f"Turn {i}: tell me about the sea and the sky.").stats for i in range(12)]
+    assert s.messages[1].content == note  # the script: every reply is the note
+    acted = [st for st in stats if st.memory_action]
+    assert acted and all(st.memory_action == "summarized" for st in acted)
+    assert all(st.memory_note.endswith(f"summarized; {note}") for st in acted), acted[0].memory_note
+    assert all(st.summarized_tokens == st.evicted_tokens > 0 for st in acted)
+    system = s.template_messages()[0]
+    assert system["role"] == "system" and system["content"].startswith("Be brief.") and note in system["content"]
+    assert all(st.ctx_used <= 192 for st in stats)
+
+
+def test_an_empty_summary_is_rejected_and_says_so(smol_tokenizer, tmp_path):
+    """(A note naming things the turns did not is the random model's case in the test above.)"""
+    why = "summary rejected (the model wrote nothing)"
+    path = build_scripted_model(tmp_path / "scripted", smol_tokenizer, "")
+    s = make_session(path, ctx=192, max_new_tokens=16)
+    s.config.memory = "summary"
+    acted = [st for st in (s.run_turn(f"Turn {i}: tell me about the sea.").stats for i in range(12)) if st.memory_action]
+    assert acted and all(st.memory_action == "dropped" for st in acted)
+    assert all(st.memory_note.endswith(f" dropped; {why}; turns dropped instead") for st in acted), acted[0].memory_note
+
+
+def test_summary_is_skipped_when_the_window_cannot_hold_the_request(tiny_model):
+    s = make_session(tiny_model, ctx=96, max_new_tokens=8)
+    s.config.memory = "summary"
+    acted = [st for st in (s.run_turn(f"Turn {i}: the sea.").stats for i in range(10)) if st.memory_action]
+    assert acted and all(st.memory_action == "dropped" for st in acted)
+    assert all("; summary skipped (asking for it takes " in st.memory_note for st in acted), acted[0].memory_note
+    assert all("more than the 96-token window" in st.memory_note for st in acted)

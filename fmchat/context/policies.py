@@ -113,9 +113,9 @@ def plan_room(w: Window, policy: str, user_text: str, reserve: int, *, kv_cache:
     action = MemoryAction(policy, "dropped", len(dropped), dropped_tokens, kv_before=len(w.ledger), new_window_start=new_start)
 
     if policy == "summary":
-        note = summarize(w, dropped, complete)
+        note, why = summarize(w, dropped, complete)
         if note is None:
-            action.note = "summary rejected (it named things the turns did not), turns dropped instead"
+            action.note = f"summary {why}; turns dropped instead"
         else:
             action.memory_note = (w.memory_note + " " + note).strip()[-NOTE_MAX_CHARS:]
             action.action, action.summarized_tokens, action.note = "summarized", dropped_tokens, note
@@ -163,8 +163,9 @@ def unsupported_claims(summary: str, source: str) -> list[str]:
     return bad
 
 
-def summarize(w: Window, dropped, complete: Callable[[list[int], int], str]) -> str | None:
-    """A short note on ``dropped`` messages from the loaded model (greedy), or None if it fails the check."""
+def summarize(w: Window, dropped, complete: Callable[[list[int], int], str]) -> tuple[str | None, str]:
+    """A short note on ``dropped`` messages from the loaded model (greedy) and "", or None and why there is none:
+    the window has no room to ask for it, the model wrote nothing, or the note names things the turns did not."""
     source = "\n".join(f"{m.role}: {m.content}" for m in dropped)
     ctx = w.ctx_size
     while True:
@@ -175,8 +176,13 @@ def summarize(w: Window, dropped, complete: Callable[[list[int], int], str]) -> 
             break
         source = source[len(source) // 4 :]  # keep the most recent part of what is being dropped
     if len(ids) + SUMMARY_MAX_TOKENS > ctx:
-        return None
+        return None, (f"skipped (asking for it takes {len(ids)} + {SUMMARY_MAX_TOKENS} tokens, "
+                      f"more than the {ctx}-token window)")  # fmt: skip
     text = complete(ids, SUMMARY_MAX_TOKENS).strip()
-    if not text or unsupported_claims(text, source):
-        return None
-    return text
+    if not text:
+        return None, "rejected (the model wrote nothing)"
+    bad = unsupported_claims(text, source)
+    if bad:
+        shown = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
+        return None, f"rejected (it names {shown}, not in the dropped turns)"
+    return text, ""
