@@ -16,7 +16,7 @@ TURNS = ["Hello there.", "Tell me about the sea.", "And the mountains?", "Thanks
 
 
 def _session(model_dir, loader=load_backend, **load) -> ChatSession:
-    opts = dict(device="cpu", dtype="float32", ctx=512, **load)
+    opts = {"device": "cpu", "dtype": "float32", "ctx": 512, **load}
     backend = loader(RunConfig(model=str(model_dir), **opts))
     return ChatSession(backend, SessionConfig(gen=GenerationConfig(max_new_tokens=16, temperature=0.0, seed=0)))
 
@@ -134,20 +134,30 @@ def test_threads_default_is_physical_cores():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("quant", ["none", "int8"])
-def test_compiled_bf16_and_int8_steps_track_eager(tiny_model, quant):
-    """bf16 weights (the DecodeLinear GEMVs) and int8 weights (int8_gemv) inside the compiled step: logits close to
-    the eager step's on the same backend load, over several positions, and the same greedy token."""
+def test_compiled_int8_step_gives_eager_greedy_tokens(tiny_model):
+    """int8 weights (int8_gemv) inside the compiled step: the same greedy tokens as the eager step on the same
+    weights and cache (fmc), turn after turn of a conversation."""
+    load = {"dtype": "bfloat16", "quant": "int8", "kernel": "fmc"}
+    compiled = _session(tiny_model, compile="on", **load)
+    assert compiled.backend._step is not None, compiled.backend.compile_status
+    got = _run(compiled)
+    assert compiled.messages[-1].stats.decode_path.startswith("compiled")
+    assert sum(len(ids) for ids in got) > 30
+    assert got == _run(_session(tiny_model, compile="off", **load))
+
+
+def test_compiled_bf16_step_tracks_eager(tiny_model):
+    """bf16 weights (the DecodeLinear GEMVs) inside the compiled step. Its GEMV rounds differently from the eager
+    oneDNN product: measured 0.6-1.2% of the largest logit on this model, whose top two logits are often closer
+    than that, so greedy tokens are compared only where the eager margin exceeds twice the difference."""
     from fmchat.backends.transformers.compiled import DecodeLinear
 
-    opts = dict(device="cpu", dtype="bfloat16", ctx=256, compile="on", quant=quant)
-    b = load_backend(RunConfig(model=str(tiny_model), **opts))
+    b = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="bfloat16", ctx=256, compile="on"))
     assert b._step is not None, b.compile_status
-    if quant == "none":
-        assert any(isinstance(m, DecodeLinear) for m in b.model.modules())
+    assert any(isinstance(m, DecodeLinear) for m in b.model.modules())
     ids = list(range(100, 140))
-    step, token = b._step, 7
-    for _ in range(4):
+    step, token, compared = b._step, 7, 0
+    for _ in range(12):
         b.truncate(0)
         b._step = None  # eager: the same model, the same fmc cache
         b.forward(ids)
@@ -157,9 +167,11 @@ def test_compiled_bf16_and_int8_steps_track_eager(tiny_model, quant):
         b.forward(ids)
         compiled = b.forward([token])
         scale, diff = eager.abs().max(), (compiled - eager).abs().max()
-        assert diff <= 0.05 * scale, (diff, scale)
+        assert diff <= 0.02 * scale, (diff, scale)
         top2 = eager.topk(2).values
-        if top2[0] - top2[1] > 2 * diff:  # not a near-tie at bf16 precision: the greedy token must agree
+        if top2[0] - top2[1] > 2 * diff:
+            compared += 1
             assert int(compiled.argmax()) == int(eager.argmax())
         ids.append(token)
         token = int(eager.argmax())
+    assert compared >= 3

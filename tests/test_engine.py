@@ -131,7 +131,8 @@ def test_prompt_that_does_not_fit_is_refused_and_the_session_is_intact(tiny_mode
     assert [(m.role, m.content) for m in s.messages] == before and s.ledger == ledger
     with pytest.raises(EmptyPrompt):
         list(s.turn("   "))
-    assert s.run_turn("ok").stats.generated_tokens >= 0
+    after = s.run_turn("ok").stats  # the refusals left the chat and its cache usable
+    assert after.generated_tokens >= 1 and after.reused_tokens > 0
 
 
 def test_decoding_stops_when_the_window_is_full(tiny_model):

@@ -132,6 +132,10 @@ def test_sigkill_mid_reply_loses_only_that_reply_then_resumes(tiny_model, tmp_pa
     )
     assert first.returncode == 0, first.stderr
     sid = session_id_of(first.stderr)
+    exported = subprocess.run([sys.executable, "-m", "fmchat", "sessions", "export", sid, "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    before = [(m["role"], m["content"]) for m in json.loads(exported.stdout)["messages"]]
+    assert [role for role, _ in before] == ["user", "assistant"] and before[1][1]
 
     p = subprocess.Popen([*cmd, "--max-new-tokens", "100000", "--session", sid, "Tell me a very long story"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -147,15 +151,17 @@ def test_sigkill_mid_reply_loses_only_that_reply_then_resumes(tiny_model, tmp_pa
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     rows = con.execute("SELECT role, content FROM messages WHERE session_id=? ORDER BY seq", (sid,)).fetchall()
     con.close()
-    assert [r[0] for r in rows] == ["user", "assistant", "user"] and rows[2][1] == "Tell me a very long story"
+    # every message written before the kill survives unchanged; the killed reply is the only loss
+    assert rows == [*before, ("user", "Tell me a very long story")]
 
     again = subprocess.run([*cmd, "--max-new-tokens", "6", "--session", sid, "Shorter, please"], env=env,
                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert f"session: {sid}" in again.stderr
     with Store(db) as s:
-        roles = [m.role for m in s.get(sid).messages]
-    assert roles == ["user", "assistant", "user", "user", "assistant"]
+        resumed = [(m.role, m.content) for m in s.get(sid).messages]
+    assert resumed[:4] == [*before, ("user", "Tell me a very long story"), ("user", "Shorter, please")]
+    assert [role for role, _ in resumed] == ["user", "assistant", "user", "user", "assistant"]
 
 
 def test_plain_repl_saves_its_conversation(tiny_model):

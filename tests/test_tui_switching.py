@@ -82,8 +82,11 @@ async def test_kernel_and_quant_switches_move_the_numbers(tiny_model):
         assert st.kernel == "fmc" and st.quant == "int8"
         # the embedding and the linear layers drop to int8; this tiny model's untied output head stays bf16
         assert st.weights_bytes == b.weights_bytes() < 0.8 * bf16_weights
-        # the fmc cache is preallocated for the whole window; seq_lens is its fill
-        assert st.seq_lens == [st.ctx_used] and st.kv_bytes >= st.ctx_size * 2
+        # the fmc cache is preallocated for the whole window (K and V, every layer, bf16); seq_lens is its fill
+        cfg = json.loads((tiny_model / "config.json").read_text())
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
+        assert st.seq_lens == [st.ctx_used] and st.kv_bytes == per_token * st.ctx_size
         text = screen_text(app)
         assert "fmc" in text and "int8" in text
 
