@@ -101,7 +101,7 @@ def loaded_chat(entry: str, args: list[str], monkeypatch) -> object:
 
     async def load():
         async with app.run_test(size=(120, 40)) as pilot:
-            for _ in range(1200):
+            for _ in range(6000):  # bounded by steps (10 min), not by a short clock: a loaded CI machine compiles slowly
                 if app.conversation is not None and app.conversation.loaded and not app.loading:
                     break
                 await pilot.pause(0.1)
