@@ -18,7 +18,7 @@ from fmchat.conversation import load_backend
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
 ARCHS = ["gemma3", "cohere2"]
-WINDOW = 16  # sliding_window of the tiny models (conftest): transformers' cache layer keeps the last 15 tokens
+WINDOW = 16  # sliding_window of the tiny models (conftest)
 
 
 def load(model_dir, **kw):
@@ -143,20 +143,13 @@ def test_shifted_keys_equal_rope_at_the_new_positions_on_every_layer(hybrid_back
                 firsts[i] = firsts[i] if firsts[i] <= keep else max(keep, firsts[i] - drop)
         n = len(positions)
         assert b.cached_tokens() == n
-        windowed = 0
         for i, layer in enumerate(b.cache.layers):
             k, v = cells(b, layer)
             held = k.shape[2]
-            if kernel == "sdpa" and model.config.layer_types[i] == "sliding_attention":
-                assert held == min(n, WINDOW - 1)  # only the window, as transformers keeps it
-                windowed += held < n
-            else:
-                assert held == n
-            expected = rope_at(model, arch, i, pre[i][:, :, n - held :], list(range(n - held, n)))
+            assert held == n  # sliding-window layers too: a cell for every position (the masks apply the window)
+            expected = rope_at(model, arch, i, pre[i], list(range(n)))
             torch.testing.assert_close(k, expected, atol=1e-5, rtol=1e-5)
             assert torch.equal(v, before[i])  # values are never rotated
-        if kernel == "sdpa" and n_tokens > WINDOW:
-            assert windowed == 2  # both sliding layers held less than the whole sequence
         # positions continue: the next token's key, in every layer, is rotated for position n
         for v in got.values():
             v.clear()
@@ -193,24 +186,30 @@ def test_one_layer_shift_equals_a_fresh_prefill_of_the_kept_tokens(one_layer, ar
         torch.testing.assert_close(v, fv, atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_layers_refuse_a_shift_that_needs_tokens_they_no_longer_hold(hybrid_backend):
-    """40 tokens: each sliding layer holds positions 25..39. After discarding [4, 4 + d), the window of the next
-    token reaches back to position 40 - d - 15; that is held only while the discarded range ends at or before 25."""
+def test_past_the_window_the_cache_crops_and_shifts_and_still_applies_the_window(hybrid_backend, one_layer):
+    """40 tokens through a model whose sliding layers see 16: transformers' own sliding cache layers keep only the
+    last 15 and raised on a crop (a retry or an edit); fmchat's caches keep every cell, so a crop and a shift that
+    reaches into the window both work, and the logits still equal the model run without any cache (where the sliding
+    mask alone limits what each layer sees)."""
     for kernel in ("sdpa", "fmc"):
         b = hybrid_backend("gemma3", kernel)
-        ids = sample_ids(b, 40)
-        for keep, drop in [(4, 22), (4, 30), (2, 38)]:
-            b.truncate(0)
-            b.forward(ids)
-            before = [tuple(t.clone() for t in cells(b, layer)) for layer in b.cache.layers]
-            reason = b.shift(keep, drop)
-            if kernel == "fmc":  # the preallocated cache keeps every position: the same shift is exact there
-                assert reason is None and b.cached_tokens() == 40 - drop
-                continue
-            assert reason is not None and "sliding-window layers hold only their last 15 tokens" in reason
-            assert b.cached_tokens() == 40  # refused before anything changed
-            for (k, v), layer in zip(before, b.cache.layers):
-                assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+        ids = sample_ids(b, 45)
+
+        def uncached(model, tokens):
+            with torch.inference_mode():
+                return model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()
+
+        b.truncate(0)
+        b.forward(ids[:40])
+        b.truncate(30)  # a retry after the window has filled
+        assert b.cached_tokens() == 30
+        torch.testing.assert_close(b.forward(ids[30:35]), uncached(b.model, ids[:35]), atol=2e-5, rtol=1e-5)
+        # One sliding layer (its keys depend only on token and position, so a shift is exactly a fresh prefill):
+        b = load(one_layer["gemma3", "sliding_attention"], kernel=kernel, ctx=128)
+        b.forward(ids[:40])
+        assert b.shift(4, 22) is None and b.cached_tokens() == 18  # the window of the next token needs shifted cells
+        kept = ids[:4] + ids[26:40]
+        torch.testing.assert_close(b.forward([ids[40]]), uncached(b.model, [*kept, ids[40]]), atol=2e-5, rtol=1e-5)
 
 
 def test_a_layer_type_whose_rope_grows_with_the_length_refuses_the_shift(tmp_path, smol_tokenizer):
@@ -223,12 +222,11 @@ def test_a_layer_type_whose_rope_grows_with_the_length_refuses_the_shift(tmp_pat
     assert b.cached_tokens() == 30
 
 
-@pytest.mark.parametrize(("kernel", "window"), [("fmc", WINDOW), ("sdpa", 256)])
-def test_chat_with_memory_shift_shifts_every_layer_type(tmp_path, smol_tokenizer, kernel, window):
-    """Through the session, as `--memory shift --ctx 160` runs it: every action is a shift, none falls back.
-    sdpa: a window wider than the context (as Gemma 3 270M's 512 at --ctx 256), since transformers' sliding
-    layers cannot be truncated once past their window."""
-    path = build_tiny_model(tmp_path / "g3", smol_tokenizer, "gemma3", sliding_window=window)  # sliding, global
+@pytest.mark.parametrize("kernel", ["fmc", "sdpa"])
+def test_chat_with_memory_shift_shifts_every_layer_type(tmp_path, smol_tokenizer, kernel):
+    """Through the session, as `--memory shift --ctx 160` runs it: every action is a shift, none falls back; the
+    sliding layers' window (16) is far smaller than the context."""
+    path = build_tiny_model(tmp_path / "g3", smol_tokenizer, "gemma3", sliding_window=WINDOW)  # sliding, global
     ctx = 160
     gen = GenerationConfig(max_new_tokens=12, temperature=0.0, seed=0)
     config = SessionConfig(system="The user's name is Ada.", ctx=ctx, memory="shift", gen=gen)

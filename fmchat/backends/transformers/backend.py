@@ -59,6 +59,17 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return names[dtype]
 
 
+def full_length_layers(cache):
+    """``cache`` with every sliding-window layer replaced by a full-length one. transformers' sliding layers keep only
+    their window, and then cannot be cropped back (a retry or an edit after the window has filled raised in
+    ``crop``) nor exported by position; the attention masks still apply each layer's window. Costs the memory of
+    the cells outside the window, as llama.cpp's "full-size SWA cache" and fmc's cache do."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
+
+
 class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
     name = "transformers"
 
@@ -137,7 +148,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
             from .fmc import FmcCache
 
             return FmcCache(self.model.config, self.ctx_size, dtype=self._dtype, device=self._dev)
-        return self._cache_cls(config=self.model.config)
+        return full_length_layers(self._cache_cls(config=self.model.config))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -236,7 +247,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         """Remove cached positions [n_keep, n_keep + n_discard) and re-rotate the later keys to their new
         positions, each layer with its own RoPE (``rope.py``), so nothing is re-prefilled. Returns None when done,
         or why it cannot be done exactly (the cache is then unchanged)."""
-        from .rope import layer_ropes, shift_cells, shifted_first
+        from .rope import layer_ropes, shift_cells
 
         ropes = layer_ropes(self.model, self.ctx_size)
         if isinstance(ropes, str):
@@ -247,31 +258,16 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         layers = list(self.cache.layers)
         if len(layers) != len(ropes) or any(getattr(layer, "keys", None) is None for layer in layers):
             return f"the cache's {len(layers)} layers do not match the model's {len(ropes)} decoder layers"
-        firsts = []  # the position each layer's first cell holds; all checks before any change
-        for layer in layers:
-            window = getattr(layer, "sliding_window", None)
-            if self.kernel == "fmc" or window is None:  # every position has its cell (fmc: the kernel masks the window)
-                firsts.append(0)
-                continue
-            # transformers' sliding-window layer: only the last W - 1 positions, the first at cumulative - cells
-            seen, cells = int(getattr(layer, "cumulative_length", total)), layer.keys.shape[-2]
-            missing = shifted_first(seen - cells, n_keep, n_discard) - max(0, total - n_discard - (window - 1))
-            if seen != total:
-                return f"a sliding-window layer has seen {seen} tokens, the cache {total}"
-            if missing > 0:
-                return (f"the sliding-window layers hold only their last {window - 1} tokens, and after this shift "
-                        f"their window would need {missing} earlier tokens they no longer hold")  # fmt: skip
-            firsts.append(seen - cells)
-        for layer, rope, first in zip(layers, ropes, firsts):
+        # Every layer holds a cell for every position (``full_length_layers``; fmc's cache is full-length too), so
+        # a shift is exact on sliding-window layers as on global ones: their masks apply the window afterwards.
+        for layer, rope in zip(layers, ropes):
             if self.kernel == "fmc":  # preallocated buffers: shift in place, then lower the fill
                 k, v = shift_cells(layer.keys[:, :, :total], layer.values[:, :, :total], 0, n_keep, n_discard, rope)
                 layer.keys[:, :, : k.shape[2]] = k
                 layer.values[:, :, : v.shape[2]] = v
             else:
-                k, v = shift_cells(layer.keys, layer.values, first, n_keep, n_discard, rope)
+                k, v = shift_cells(layer.keys, layer.values, 0, n_keep, n_discard, rope)
                 layer.keys, layer.values = k.contiguous(), v.contiguous()
-                if hasattr(layer, "cumulative_length"):
-                    layer.cumulative_length -= n_discard
         if self.kernel == "fmc":
             self.cache.crop_to(total - n_discard)
         return None

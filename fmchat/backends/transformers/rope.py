@@ -151,11 +151,6 @@ def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.T
     return torch.cat((rotated, rest), dim=-1).to(keys.dtype)
 
 
-def shifted_first(first: int, n_keep: int, n_discard: int) -> int:
-    """The new position of the first cell of a layer whose cells start at position ``first``."""
-    return first if first <= n_keep else max(n_keep, first - n_discard)
-
-
 def shift_cells(keys: torch.Tensor, values: torch.Tensor, first: int, n_keep: int, n_discard: int, rope: LayerRope):
     """[B, H, L, D] keys/values whose cells hold positions [first, first + L): drop positions
     [n_keep, n_keep + n_discard) and rotate the later keys back by ``n_discard`` (NoPE keys stay as they are)."""
