@@ -91,6 +91,13 @@ async def test_the_api_key_reaches_the_server_and_is_written_nowhere(default_ggu
     finally:
         stop(proc)
 
+    try:
+        _search_everything_written_for(key, printed, capfd, path)
+    finally:
+        settings_mod.settings_path().unlink(missing_ok=True)  # the saved openai settings must not reach later tests
+
+
+def _search_everything_written_for(key: str, printed: list[str], capfd, path: Path) -> None:
     captured = capfd.readouterr()
     printed += [captured.out, captured.err]
     home = Path(os.environ["XDG_DATA_HOME"]).parent  # tests/conftest.py: data, config, cache and HOME live here
