@@ -10,36 +10,16 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-from test_backends import free_port, stop
+from test_backends import free_port, start_llama_server, stop
 from test_tui import SIZE, ready, send, tiny_settings, turn_done, wait_for
 from test_tui_switching import open_settings
 from textual.widgets import Input
 
 from fmchat import settings as settings_mod
 from fmchat.tui.app import FmchatApp
-
-
-def start_server_with_key(gguf: Path, port: int, key: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--model_alias", "smollm2", "--api_key", key],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "llama_cpp.server exited"
-        try:
-            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=1)
-            if r.status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    stop(proc)
-    raise AssertionError("llama_cpp.server did not come up")
 
 
 def fmchat(*args, key: str):
@@ -52,7 +32,7 @@ async def test_the_api_key_reaches_the_server_and_is_written_nowhere(default_ggu
     key = "sk-fmchat-" + secrets.token_hex(16)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    proc = start_server_with_key(default_gguf, port, key)
+    proc = start_llama_server(default_gguf, port, api_key=key)
     printed = []
     try:
         assert httpx.get(f"{url}/models", timeout=5).status_code == 401  # the server really checks the key

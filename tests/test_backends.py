@@ -32,17 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_llama_server(gguf, port):
+def start_llama_server(gguf, port, api_key: str | None = None):
+    """A real llama_cpp.server on loopback (requiring ``api_key`` when one is given), once it answers."""
+    key_args = ["--api_key", api_key] if api_key else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--model_alias", "smollm2"],
+         "--n_ctx", "2048", "--model_alias", "smollm2", *key_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, "llama_cpp.server exited"
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers, timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.3)
