@@ -7,9 +7,11 @@ per weight, so bfloat16 (8 bits of mantissa) keeps nearly all of a Q4/Q5 file's 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,33 +48,41 @@ def quiet_transformers() -> None:
 
 
 @contextmanager
-def _tensor_progress(progress: ProgressFn, start: float, end: float, steps: int = 10):
-    """Report transformers' GGUF tensor loop as progress (about ``steps`` times), while the block runs. The loop
-    iterates through the ``tqdm`` its module imported; where a transformers version has no such loop, the block
-    simply runs without these steps."""
+def counted_tensor_loop(module_name: str, report: Callable[[int, int], None]) -> Iterator[None]:
+    """While the block runs, call ``report(done, total)`` after each item of the tensor loop in transformers module
+    ``module_name`` (the loop iterates through the ``tqdm`` that module imported); where a transformers version has no
+    such module or loop, the block simply runs without reports."""
     try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        module = importlib.import_module(module_name)
     except ImportError:
         yield
         return
-    real = getattr(gguf_utils, "tqdm", None)
+    real = getattr(module, "tqdm", None)
     if real is None:
         yield
         return
 
     def counted(iterable, *args, **kwargs):
         items = list(iterable)
-        every = max(1, len(items) // steps)
         for i, item in enumerate(items, 1):
-            if i % every == 0 or i == len(items):
-                progress(f"dequantizing GGUF tensors: {i}/{len(items)}", start + (end - start) * i / len(items))
             yield item
+            report(i, len(items))
 
-    gguf_utils.tqdm = counted
+    module.tqdm = counted
     try:
         yield
     finally:
-        gguf_utils.tqdm = real
+        module.tqdm = real
+
+
+def _tensor_progress(progress: ProgressFn, start: float, end: float, steps: int = 10):
+    """Report transformers' GGUF tensor loop as progress, about ``steps`` times, between ``start`` and ``end``."""
+
+    def report(done: int, total: int) -> None:
+        if done % max(1, total // steps) == 0 or done == total:
+            progress(f"dequantizing GGUF tensors: {done}/{total}", start + (end - start) * done / total)
+
+    return counted_tensor_loop("transformers.modeling_gguf_pytorch_utils", report)
 
 
 def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:

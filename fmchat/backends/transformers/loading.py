@@ -37,6 +37,7 @@ from torch import nn
 from fmchat_kernels.quant.model import release_freed_memory
 
 from ..base import ProgressFn
+from .gguf import counted_tensor_loop
 
 # safetensors dtype names -> torch dtypes (the ones a streamed load reads; others fall back to from_pretrained)
 _DTYPES = {
@@ -203,31 +204,11 @@ def _why_not_plan(model: nn.Module, keys: dict[str, str] | str, integer: bool, d
     return None
 
 
-@contextmanager
-def _tensor_progress(progress: ProgressFn, label: str) -> Iterator[None]:
-    """Report transformers' per-tensor loading loop (it iterates through the ``tqdm`` its module imported) as
-    progress; where a transformers version has no such loop, the block simply runs without these steps."""
-    try:
-        import transformers.core_model_loading as loading
-    except ImportError:
-        yield
-        return
-    real = getattr(loading, "tqdm", None)
-    if real is None:
-        yield
-        return
-
-    def counted(iterable, *args, **kwargs):
-        items = list(iterable)
-        for i, item in enumerate(items, 1):
-            yield item
-            progress(f"{label}: {i}/{len(items)} tensors", i / len(items))
-
-    loading.tqdm = counted
-    try:
-        yield
-    finally:
-        loading.tqdm = real
+def _tensor_progress(progress: ProgressFn, label: str):
+    """Report transformers' per-tensor loading loop as progress, every tensor."""
+    return counted_tensor_loop(
+        "transformers.core_model_loading", lambda done, total: progress(f"{label}: {done}/{total} tensors", done / total)
+    )
 
 
 def _from_pretrained(weights: Path, dtype: torch.dtype, kernel: str, progress: ProgressFn, label: str) -> nn.Module:
