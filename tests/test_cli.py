@@ -85,8 +85,9 @@ def test_models_lists_aliases_and_availability():
     r = cli("models", "--json")
     assert r.exit_code == 0
     rows = {row["alias"]: row for row in json.loads(r.stdout)["aliases"]}
-    assert set(rows) == {"smollm2-135m", "phi-3.5", "qwen2.5-0.5b", "llama-3.2-1b"}
+    assert set(rows) == {"smollm2-135m", "phi-3.5", "qwen2.5-0.5b", "llama-3.2-1b", "gemma3-270m"}
     assert rows["smollm2-135m"]["available"] is True and rows["smollm2-135m"]["where"].endswith(".gguf")
+    assert rows["gemma3-270m"]["available"] is True  # from its PyPI package (chunks, assembled on first use)
     assert rows["phi-3.5"]["available"] is False  # HF_HUB_OFFLINE and an empty cache in tests
     r = cli("models")
     assert r.exit_code == 0 and "qwen2.5-0.5b" in r.stdout and "(default)" in r.stdout

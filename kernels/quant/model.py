@@ -155,6 +155,12 @@ def _quantize_embeddings(model, scheme, rest_dtype, report, take=None) -> nn.Mod
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         return None
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_name = names[id(emb)]
+    scale = embedding_scale(emb)
+    if isinstance(scale, str):  # a forward of its own that we cannot reproduce: keep the table as it is
+        report.skipped.append(f"{emb_name} ({scale})")
+        return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = isinstance(head, nn.Linear) and head.weight is emb.weight
     es = EMBED_SCHEME[scheme]
@@ -165,10 +171,8 @@ def _quantize_embeddings(model, scheme, rest_dtype, report, take=None) -> nn.Mod
             store = cls.from_weight(emb.weight, None, compute_dtype=default_compute_dtype(es, emb.weight.device))
         else:
             store = cls.from_weight(take(emb.weight), None, compute_dtype=default_compute_dtype(es, take.device))
-    names = {id(m): n for n, m in model.named_modules()}
-    emb_name = names[id(emb)]
     parent, _, child = emb_name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, QuantizedEmbedding(store, out_dtype, emb.padding_idx))
+    setattr(model.get_submodule(parent) if parent else model, child, QuantizedEmbedding(store, out_dtype, emb.padding_idx, scale))
     report.quantized.append(f"{emb_name} ({es})")
     if tied:
         head_name = names[id(head)]
@@ -177,6 +181,22 @@ def _quantize_embeddings(model, scheme, rest_dtype, report, take=None) -> nn.Mod
         report.quantized.append(f"{head_name} ({es}, tied: the embedding's store)")
         return store
     return None
+
+
+def embedding_scale(emb: nn.Embedding) -> float | None | str:
+    """The factor an embedding multiplies its rows by: None for a plain ``nn.Embedding``; the scale of a scaled one
+    (Gemma's ``*TextScaledWordEmbedding`` keeps it as ``scalar_embed_scale`` and as the buffer ``embed_scale``,
+    Bart's and its kin as the float ``embed_scale``); for any other subclass with a forward of its own, why it
+    cannot be replaced (its table is then left as it is)."""
+    if type(emb).forward is nn.Embedding.forward:
+        return None
+    for attr in ("scalar_embed_scale", "embed_scale"):
+        value = getattr(emb, attr, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return f"{type(emb).__name__} has a forward of its own: input embedding kept"
 
 
 class _Loader:
