@@ -132,3 +132,35 @@ def test_bench_memory_prints_an_unknown_kv_size_as_na(capsys):
     print_table({"model": "m", "backend": "llamacpp", "device": "cpu", "dtype": "q4", "ctx": 64, "turns": 1, "policies": [policy]})
     text = capsys.readouterr().out
     assert "0 B" not in text and "n/a" in text
+
+
+def test_header_names_the_decode_path_and_the_chosen_kernels(capsys):
+    """bench decode / backends / shape: the header says how tokens were decoded and which weight kernels the load
+    chose (fmchat_kernels.quant.select), with the CPU capability they were chosen for."""
+    from fmchat_kernels.quant import select
+
+    select.reset()
+    try:
+        select.use({"int8": {"prefill": "bf16", "prefill_min_rows": 16, "chunk_rows": 1024}})
+        run = report.begin("bench test", argv=["fmchat", "bench", "test"])
+        paths = report.decode_paths({"eager": "eager", "int8": "eager", "compiled": "compiled (inductor, 9.0 s)"})
+        assert paths == "eager (eager, int8) · compiled (inductor, 9.0 s) (compiled)"
+        out = report.emit(run, {"x": 1}, False, lambda: print("THE TABLE"), decode_path=paths)
+        text = capsys.readouterr().out
+        h = out["header"]
+        assert h["decode_path"] == paths and h["kernels"]["int8"]["prefill"] == "bf16" and h["kernels"]["source"] == "set"
+        assert h["kernels"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert f"decode   {paths}" in text
+        assert "kernels  int8: 1 row int8pack (eager) / fused (compiled), prefill bf16 GEMM" in text
+        assert "prefill bf16 GEMM from 16 rows (weight rows 1024 at a time)" in text
+        assert text.index("cpu isa") < text.index("kernels  ") < text.index("THE TABLE")
+        json.dumps(h)
+
+        # rows loaded in other processes (bench shape): one kernels line per row; unknowns print n/a
+        run = report.begin("bench test", argv=["fmchat", "bench", "test"])
+        per_row = {"int8 row": report.kernel_choices(), "bf16 row": None}
+        report.emit(run, {}, False, lambda: None, kernels=per_row)
+        text = capsys.readouterr().out
+        assert "kernels  [int8 row] int8: 1 row" in text and "kernels  [bf16 row] n/a" in text and "decode   n/a" in text
+    finally:
+        select.reset()

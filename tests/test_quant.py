@@ -380,3 +380,52 @@ def test_float32_checkpoint_to_bf16_streams_and_other_layouts_load_in_full(tiny_
     assert full.weights_load == "full (no safetensors weights)"
     streamed = load_backend(RunConfig(model=str(tiny_model), device="cpu", quant="int8"))
     _same_weights(full.model, streamed.model)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory, smol_tokenizer):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3-quant"), smol_tokenizer, "gemma3")
+
+
+def test_quantized_gemma3_keeps_the_embedding_scale(tiny_gemma3):
+    """Gemma 3 multiplies its input embeddings by sqrt(hidden size) (Gemma3TextScaledWordEmbedding; 8 here): the
+    quantized embedding must too, or every layer sees inputs 8x too small. Each scheme's logits track the float
+    model's; the same quantized model with the scale taken out is far off (so the tolerance tells them apart)."""
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+
+    def load(q):
+        return load_backend(RunConfig(model=str(tiny_gemma3), device="cpu", dtype="float32", quant=q))
+
+    ref = load("none")
+    assert type(ref.model.model.embed_tokens).__name__ == "Gemma3TextScaledWordEmbedding"
+    ids = ref.render([{"role": "user", "content": "Tell me about the sea and the sky."}])
+    base = _logits(ref, ids)
+
+    def err(lg):
+        return float((lg - base).norm() / base.norm())
+
+    for q, bound in (("int8", 0.05), ("int4", 0.3), ("log8", 0.06)):
+        b = load(q)
+        emb = b.model.model.embed_tokens
+        assert isinstance(emb, kq.QuantizedEmbedding) and emb.scale == pytest.approx(8.0), (q, emb)
+        scaled = err(_logits(b, ids))
+        emb.scale = None  # what quantize_model used to build
+        unscaled = err(_logits(b, ids))
+        assert scaled < bound < unscaled, (q, scaled, unscaled)
+
+
+def test_an_embedding_with_an_unknown_forward_is_kept():
+    class Shifted(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    model = nn.Sequential()
+    model.emb = Shifted(300, 64)
+    model.proj = nn.Linear(64, 64)
+    model.get_input_embeddings = lambda: model.emb
+    report = kq.quantize_model(model, "int8")
+    assert isinstance(model.emb, Shifted) and "proj" in report.quantized
+    assert any(s.startswith("emb (Shifted has a forward of its own") for s in report.skipped), report.skipped

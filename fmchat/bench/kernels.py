@@ -24,10 +24,10 @@ import torch
 from . import report
 
 E2E = {  # label -> RunConfig fields
-    "sdpa": {"kernel": "sdpa"},
-    "eager": {"kernel": "eager"},
-    "fmc": {"kernel": "fmc"},
-    "fmc + compiled step": {"kernel": "fmc", "compile": "on"},
+    "sdpa": {"kernel": "sdpa", "compile": "eager"},
+    "eager": {"kernel": "eager", "compile": "eager"},
+    "fmc": {"kernel": "fmc", "compile": "eager"},
+    "fmc + compiled step": {"kernel": "fmc", "compile": "compiled"},
 }
 ATTENTION_CONTEXTS = (128, 256, 512, 1024, 2048, 4096, 8192)
 

@@ -1,7 +1,7 @@
 """The one report path every `fmchat bench` command prints through.
 
 A run starts with :func:`begin` (date and load average at the start, the machine, the checkout) and ends with
-:func:`emit`, which stamps the end, then prints either the header followed by the command's own rich table(s),
+:func:`emit`, which stamps the end (and the decode path and the weight kernels chosen at load, known only then), then prints either the header followed by the command's own rich table(s),
 or with ``--json`` one JSON object: ``{"header": {...}, ...the command's own keys, unchanged}``.
 
 Figures nobody can know (no /proc/cpuinfo, no load average, not a git checkout) are ``None`` in JSON and
@@ -75,6 +75,16 @@ def cpu_isa() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
+
+
+def kernel_choices() -> dict | None:
+    """The weight kernels this process chose (``fmchat_kernels.quant.select``): its ``current_choices()`` plus where
+    they came from (``source``: measured, cached, default) and one line for the header (``line``)."""
+    try:
+        from fmchat_kernels.quant import select
+    except Exception:  # noqa: BLE001 - a header never fails over a missing kernel package
+        return None
+    return {**select.current_choices(), "source": select.details()["source"], "line": select.describe()}
 
 
 def torch_threads() -> int:
@@ -153,6 +163,8 @@ def begin(command: str, argv: list[str] | None = None) -> Run:
         "ram_bytes": total_ram_bytes(),
         "cpu_isa": cpu_isa(),
         "threads": None,  # filled at the end: a bench may set its thread count after it starts
+        "decode_path": None,  # filled at the end: known once the backends are loaded
+        "kernels": None,  # filled at the end: the weight kernels chosen at load (kernel_choices)
         "fmchat_commit": fmchat_commit(),
         "started_utc": utc_now(),
         "ended_utc": None,
@@ -165,10 +177,15 @@ def begin(command: str, argv: list[str] | None = None) -> Run:
     return Run(command, header)
 
 
-def finish(run: Run, threads: int | None = None) -> dict:
-    """The complete header: the end time and load average, and the threads (torch's now, unless ``threads``)."""
+def finish(run: Run, threads: int | None = None, decode_path: str | None = None, kernels: dict | None = None) -> dict:
+    """The complete header: the end time and load average, the threads (torch's now, unless ``threads``), the decode
+    path(s) of the run and the weight kernels chosen (this process's, unless ``kernels``: a bench whose backends
+    loaded in other processes passes theirs, ``{row: kernel_choices()}``)."""
     h = run.header
     h["threads"] = threads if threads is not None else torch_threads()
+    if decode_path is not None:
+        h["decode_path"] = decode_path
+    h["kernels"] = kernels if kernels is not None else kernel_choices()
     h["ended_utc"] = utc_now()
     h["load_avg_1m_end"] = load_avg_1m()
     return h
@@ -196,8 +213,26 @@ def header_lines(run: Run) -> list[str]:
         (f"cpu isa  {_na(h['cpu_isa'])} · threads {_na(h['threads'])} · load 1m {_na(h['load_avg_1m_start'])} → "
          f"{_na(h['load_avg_1m_end'])}"),
         f"commit   {_na(h['fmchat_commit'])} · torch {_na(h['torch'])} · transformers {_na(h['transformers'])}",
+        f"decode   {_na(h.get('decode_path'))}",
+        *_kernel_lines(h.get("kernels")),
         f"command  {_na(h['command'])}",
     ]
+
+
+def _kernel_lines(k: dict | None) -> list[str]:
+    if not k:
+        return [f"kernels  {NA}"]
+    if "line" in k:
+        return [f"kernels  {k['line']}"]
+    return [f"kernels  [{row}] {v['line'] if v else NA}" for row, v in k.items()]  # per row (bench shape)
+
+
+def decode_paths(paths: dict[str, str]) -> str:
+    """The decode paths of a run's rows, one entry per distinct path: ``eager (eager, int8) · compiled (...) (...)``."""
+    by_path: dict[str, list[str]] = {}
+    for label, path in paths.items():
+        by_path.setdefault(path, []).append(label)
+    return " · ".join(f"{path} ({', '.join(labels)})" for path, labels in by_path.items()) or NA
 
 
 def print_header(run: Run, console: Console | None = None) -> None:
@@ -208,11 +243,13 @@ def print_header(run: Run, console: Console | None = None) -> None:
 
 
 # ---------------------------------------------------------------- the one way a result is printed
-def emit(run: Run, result: dict, json_out: bool, render: Callable[[], None], threads: int | None = None) -> dict:
+def emit(run: Run, result: dict, json_out: bool, render: Callable[[], None], threads: int | None = None,
+         decode_path: str | None = None, kernels: dict | None = None) -> dict:  # fmt: skip
     """Print ``result``: with ``json_out`` one JSON object (``"header"`` first, then the command's keys unchanged),
     else the header then ``render()`` (the command's own tables). ``result`` gains the ``"header"`` key in place, so
-    what the bench returns is what ``--json`` printed. ``threads``: for a bench whose work ran in other processes."""
-    header = finish(run, threads)
+    what the bench returns is what ``--json`` printed. ``threads``, ``kernels``: for a bench whose work ran in other
+    processes; ``decode_path``: the run's decode path(s) (``decode_paths``)."""
+    header = finish(run, threads, decode_path, kernels)
     merged = {"header": header, **{k: v for k, v in result.items() if k != "header"}}
     result.clear()
     result.update(merged)

@@ -10,7 +10,9 @@ runs in a fresh process of its own, so one row's memory never hides another's:
 * llama.cpp on the Q8_0 GGUF (``load_backend(RunConfig(model=<gguf>, backend="llamacpp"))``); if llama.cpp
   refuses the architecture, a Llama model of the same size instead, and the report says so.
 
-Per row: load time (``load_backend``'s wall time; the libraries are imported before the clock starts), peak RSS
+Per row (transformers): the weight kernels, chosen by measuring on this machine (``fmchat_kernels.quant.select``, cached
+in ``kernel_choices.json`` under fmchat's cache folder; ``FMCHAT_KERNEL_SELECT=off`` keeps the defaults, for an A/B),
+printed in the header. Per row: load time (``load_backend``'s wall time; the libraries are imported before the clock starts), peak RSS
 during the load and over the whole run (the process's ``VmHWM``: its own high-water mark, which a parent's memory
 cannot inflate), weights bytes (``backend.weights_bytes()``), KV bytes per token (transformers: the cache's bytes
 over its tokens after the TTFT prefill; llama.cpp: its f16 cache, allocated for the whole window, over the window),
@@ -192,6 +194,9 @@ def worker(args: dict) -> dict:
     peak_load = peak_rss()
     rss_loaded = _rss_now()
     say(f"loaded in {load_s:.1f} s; peak RSS {peak_load / 2**30:.2f} GiB during load")
+    kernels = None
+    if args["kind"] != "llamacpp":  # chosen by the load (measured on this machine, or read from its cache)
+        kernels = report.kernel_choices()
 
     def prefill(ids: list[int]):
         logits = None
@@ -214,11 +219,8 @@ def worker(args: dict) -> dict:
         int(torch.argmax(torch.as_tensor(prefill(ids[: args["ttft_tokens"]]))))
         ttft_ms = (time.perf_counter() - t0) * 1000
         cached = backend.cached_tokens()
-        kv = backend.kv_bytes()
-        if args["kind"] == "llamacpp":
-            kv_per_token = kv / backend.ctx_size if kv is not None else None  # allocated for the whole window
-        else:
-            kv_per_token = kv / cached if kv is not None and cached else None
+        kv = backend.kv_used_bytes()  # the bytes holding cached positions (fmc and llama.cpp allocate the window)
+        kv_per_token = kv / cached if kv is not None and cached else None
         say(f"TTFT {args['ttft_tokens']} tokens: {ttft_ms:.0f} ms; KV {report.num(kv_per_token, '.0f')} B/token")
         rates = {}
         for c in args["contexts"]:
@@ -250,6 +252,7 @@ def worker(args: dict) -> dict:
         "peak_rss_bytes": peak_rss(),
         "ttft_ms": round(ttft_ms, 1),
         "decode_tok_s": rates,
+        "kernels": kernels,
     }
     backend.close()
     return out
@@ -347,7 +350,10 @@ def bench_shape(name: str, *, quants=DEFAULT_QUANTS, llamacpp: bool = True, ttft
         "rows": rows,
         "vs_llamacpp": [ratios(r, ref, contexts) for r in rows if r is not ref] if ref else [],
     }
-    return report.emit(run, result, json_out, lambda: print_tables(result), threads=threads)
+    paths = report.decode_paths({r["row"]: r["decode_path"] for r in rows})
+    kernels = {r["row"]: r.get("kernels") for r in rows if r["kind"] != "llamacpp"}
+    return report.emit(run, result, json_out, lambda: print_tables(result), threads=threads, decode_path=paths,
+                       kernels=kernels)  # fmt: skip
 
 
 def _last_error(tail: str) -> str:
@@ -432,7 +438,7 @@ def print_tables(result: dict) -> None:
                       *[_x(x["decode_tok_s"].get(str(c))) for c in ctxs])  # fmt: skip
         console.print(v)
     kv = (f"KV / token: bfloat16 K and V = 2 × {s['layers']} layers × {s['kv_heads']} kv heads × {s['head_dim']} × 2 B = "
-          f"{s['kv_bytes_per_token_bf16']:,} B; llama.cpp: its f16 cache, allocated for the whole window, per position")  # fmt: skip
+          f"{s['kv_bytes_per_token_bf16']:,} B; llama.cpp: its f16 cache (both: the bytes per cached position, whatever is allocated for the window)")  # fmt: skip
     rss = (f"peak RSS: the row's own process (VmHWM), during the load and over the whole run, including the interpreter "
            f"and torch ({_mib_range([r['rss_before_load_bytes'] for r in result['rows']])} before the load); "
            f"load: load_backend() wall time, libraries already imported")  # fmt: skip

@@ -21,12 +21,15 @@ Schemes and their stores (N outputs, K inputs):
 * ``bf16`` / ``fp16``: the whole model cast; ``none``: unchanged.
 
 Modules: ``common`` (the ``QuantizedLinear`` base, packed-op availability, per-layer measures), ``ops`` (the packed
-matmuls as torch custom ops, registered on import), ``gemv`` (one-row GEMVs for the compiled decode step), one module
-per scheme (``int8``, ``int4``, ``log8``), ``embedding`` (``QuantizedEmbedding``) and ``model`` (``quantize_model``).
+matmuls as torch custom ops, registered on import), ``gemv`` (one-row GEMVs for the compiled decode step, int4's CPU
+layout decoded), ``select`` (which kernel each product uses on this machine: measured once, cached in a JSON file the
+caller names; ``select.ensure_for_model``, ``select.current_choices``) over ``choices`` (the chosen kernels the layers
+read), one module per scheme (``int8``, ``int4``, ``log8``), ``embedding`` (``QuantizedEmbedding``) and ``model`` (``quantize_model``).
 
 Installed as ``fmchat_kernels.quant`` (the folder is ``kernels/quant/``). This package never imports ``fmchat``.
 """
 
+from . import select
 from .common import QuantizedLinear, bytes_per_weight, relative_error
 from .embedding import QuantizedEmbedding
 from .gemv import float_gemv, int8_gemv
@@ -36,7 +39,20 @@ from .log8 import Log8Linear
 from .model import SCHEMES, AlreadyQuantized, QuantReport, is_quantized, model_bytes, quantize_model
 
 __all__ = [
-    "SCHEMES", "AlreadyQuantized", "Int4Linear", "Int8Linear", "Log8Linear", "QuantReport", "QuantizedEmbedding",
+    "SCHEMES",
+    "AlreadyQuantized",
+    "Int4Linear",
+    "Int8Linear",
+    "Log8Linear",
+    "QuantReport",
+    "QuantizedEmbedding",
     "QuantizedLinear",
-    "bytes_per_weight", "float_gemv", "int8_gemv", "is_quantized", "model_bytes", "quantize_model", "relative_error",
+    "bytes_per_weight",
+    "float_gemv",
+    "int8_gemv",
+    "is_quantized",
+    "model_bytes",
+    "quantize_model",
+    "relative_error",
+    "select",
 ]  # fmt: skip

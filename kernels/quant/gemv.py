@@ -1,14 +1,36 @@
-"""One-row weight products (a decode step) written for inductor to fuse: each weight is read once."""
+"""Weight products written for inductor to fuse (one row: a decode step; each weight is read once), and the
+decoding of int4's packed CPU layout (for the dequantizing prefill).
+
+Which of these a layer really uses is decided by measuring on the machine (``select.py``): ``float_gemv`` consults
+that choice itself, because the compiled step (fmchat's ``DecodeLinear``) calls it for every bf16/fp16 one-row
+product."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from . import choices
+
+INT4_BLOCK = 64  # rows per block of torch._convert_weight_to_int4pack_for_cpu's layout
 
 
 def float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` ``[1, K]`` times a bf16/fp16 ``w`` ``[N, K]`` (+ ``bias``), for tracing under ``torch.compile``: one
-    fused loop that reads each weight once and accumulates in fp32. On the 2-core CPU of docs/decode.md it streams
-    a whole model's bf16 weights at ~29 GB/s, against ~11 GB/s for the prepacked oneDNN linear at one row."""
+    """``x`` ``[1, K]`` times a bf16/fp16 ``w`` ``[N, K]`` (+ ``bias``), for tracing under ``torch.compile``.
+
+    With the measured choice ``fused`` (the default): one fused loop that reads each weight once and accumulates in
+    fp32 (on the 2-core AVX-512 CPU of docs/decode.md it streams a whole model's bf16 weights at ~29 GB/s, against
+    ~11 GB/s for the prepacked oneDNN linear at one row). With ``linear``: ``F.linear``, which inductor lowers to
+    the (prepacked) library GEMM, for a CPU where that is faster (docs/quant.md, "Kernel selection")."""
+    if not torch.compiler.is_dynamo_compiling() or choices.one_row("bf16", compiled=True) == "linear":
+        # Not inside a trace: an eager call (``torch.compiler.is_compiling()``, which callers check, is true in every
+        # thread while any thread compiles) gets the library GEMV, not the fused loop's fp32 temporaries.
+        return F.linear(x, w, bias).reshape(1, -1)
+    return fused_float_gemv(x, w, bias)
+
+
+def fused_float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused loop of ``float_gemv``, whatever the choice (measured as the candidate ``fused``)."""
     y = (x.float() * w.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
@@ -20,6 +42,38 @@ def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.T
 
     Written as a broadcast product and a sum so that inductor emits one loop nest that reads each int8 weight
     once, converts it in registers and accumulates in fp32 (no dequantized copy). For one row this streams the
-    weights from memory ~1.9x faster than ``_weight_int8pack_mm`` on the 2-core CPU of docs/decode.md.
+    weights from memory ~1.9x faster than ``_weight_int8pack_mm`` on the 2-core AVX-512 CPU of docs/decode.md, and
+    far slower on an AVX2-only one (docs/quant.md): ``Int8Linear`` uses it only where it was measured fastest.
     """
     return ((x.float() * w.float()).sum(-1) * scales.float()).to(x.dtype).reshape(1, -1)
+
+
+def int4_cpu_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The 4-bit codes ``[N, K]`` (uint8, 0..15) of ``torch._convert_weight_to_int4pack_for_cpu``'s output
+    ``packed`` ``[N, K/2]``, for a slice of whole 64-row blocks plus at most one tail (what ``Int4Linear`` stores).
+
+    The layout, as read back from the converter: rows go in blocks of 64; a block's ``64 * K / 2`` bytes are ``K``
+    runs of 32 bytes, run ``k`` holding column ``k`` of the block's rows ``j`` (low nibble) and ``32 + j`` (high
+    nibble). A last block of ``t < 64`` rows (a multiple of 16) is ``K`` runs of ``t / 2`` bytes, byte ``j`` holding
+    rows ``2j`` (low) and ``2j + 1`` (high). ``tests/test_kernel_select.py`` checks this against the converter."""
+    n = packed.shape[0]
+    full = n // INT4_BLOCK * INT4_BLOCK
+    parts = []
+    if full:
+        b = packed[:full].reshape(full // INT4_BLOCK, k, INT4_BLOCK // 2)
+        parts.append(torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(full, k))
+    if full < n:
+        t = packed[full:].reshape(k, (n - full) // 2)
+        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(k, n - full).t())
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def int4_dequant(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(code - 8) * scale + zero`` per group, as ``dtype`` ``[N, K]`` (computed in fp32). ``scales_zeros``:
+    ``[K / group_size, N, 2]`` for the same rows as ``codes``."""
+    n, k = codes.shape
+    sz = scales_zeros.float()
+    scale = sz[..., 0].t().reshape(n, k // group_size, 1)
+    zero = sz[..., 1].t().reshape(n, k // group_size, 1)
+    w = (codes.reshape(n, k // group_size, group_size).float() - 8.0) * scale + zero
+    return w.reshape(n, k).to(dtype)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers torch.ops.kernels_quant.*)
+from . import (
+    choices,
+    ops,  # noqa: F401  (registers torch.ops.kernels_quant.*)
+)
 from .common import HAS_INT4_CPU, QuantizedLinear, row_chunks
+from .gemv import int4_cpu_codes, int4_dequant
 
 INT4_GROUP = 32
 
@@ -60,12 +64,29 @@ class Int4Linear(QuantizedLinear):
 
     def _mm(self, x2):
         if self.layout == "cpu":
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_dynamo_compiling():  # traced (is_compiling() holds in all threads while one compiles)
                 return torch.ops.kernels_quant.int4pack_mm_cpu(x2, self.weight_int4, self.group_size,
                                                               self.scales_zeros.to(x2.dtype), self.out_features)  # fmt: skip
+            plan = choices.prefill_plan("int4", x2.shape[0])
+            if plan is not None:  # many rows: dequantize and use a float GEMM (measured faster)
+                return self.mm_float_chunks(x2, *plan)
             return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group_size,
                                                      self.scales_zeros.to(x2.dtype))  # fmt: skip
         return F.linear(x2, self._dequant(x2.dtype))
+
+    def mm_float_chunks(self, x2: torch.Tensor, chunk_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x2 @ W.T`` through the float GEMM of ``dtype`` (default ``x2``'s), ``chunk_rows`` weight rows (a multiple of
+        64, the packed layout's blocks; 0: all) dequantized at a time; the result in ``x2``'s dtype. CPU layout only."""
+        dtype = dtype or x2.dtype
+        xd = x2.to(dtype)
+        n, k = self.out_features, self.in_features
+        step = chunk_rows if 0 < chunk_rows < n else n
+        outs = []
+        for i in range(0, n, step):
+            rows = slice(i, min(i + step, n))
+            w = int4_dequant(int4_cpu_codes(self.weight_int4[rows], k), self.scales_zeros[:, rows], self.group_size, dtype)
+            outs.append(F.linear(xd, w).to(x2.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def dequantize(self):
         if self.layout == "cpu":  # the packed layout is the kernel's own: read it back through the kernel

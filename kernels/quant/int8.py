@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers torch.ops.kernels_quant.*)
+from . import (
+    choices,
+    ops,  # noqa: F401  (registers torch.ops.kernels_quant.*)
+)
 from .common import HAS_INT8_MM, QuantizedLinear, row_chunks
 from .gemv import int8_gemv
 
@@ -33,12 +36,32 @@ class Int8Linear(QuantizedLinear):
     def _mm(self, x2):
         s = self.scales.to(x2.dtype)
         if HAS_INT8_MM and (x2.device.type == "cpu" or self._cuda_op_ok(x2)):
-            if torch.compiler.is_compiling():
-                if x2.shape[0] == 1:  # one row (a decode step): a fused GEMV, see int8_gemv
+            if torch.compiler.is_dynamo_compiling():  # traced (is_compiling() holds in all threads while one compiles)
+                # one row (a decode step): the kernel measured fastest on this machine (select.py)
+                if x2.shape[0] == 1 and choices.one_row("int8", compiled=True) == "fused":
                     return int8_gemv(x2, self.weight_int8, self.scales)
                 return torch.ops.kernels_quant.int8pack_mm(x2, self.weight_int8, s)  # s: folded once under freezing
+            if x2.device.type == "cpu":
+                plan = choices.prefill_plan("int8", x2.shape[0])
+                if plan is not None:  # many rows: a float GEMM on the cast codes beats the packed kernel (measured)
+                    return self.mm_float_chunks(x2, *plan)
             return torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, s)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * s  # dequantize in the matmul path
+
+    def mm_float_chunks(self, x2: torch.Tensor, chunk_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x2 @ W.T`` through the float GEMM of ``dtype`` (default ``x2``'s: bf16; fp32 where bf16 GEMMs are slow, e.g.
+        without AVX-512 bf16): ``chunk_rows`` weight rows at a time (0: all) cast to ``dtype`` (the codes, |q| <= 127,
+        are exact in bf16), the per-row scales applied to the product (as the packed kernel does); the result in
+        ``x2``'s dtype. The temporary is one chunk of weights."""
+        dtype = dtype or x2.dtype
+        xd = x2.to(dtype)
+        n = self.out_features
+        step = chunk_rows if 0 < chunk_rows < n else n
+        outs = []
+        for i in range(0, n, step):
+            rows = slice(i, min(i + step, n))
+            outs.append((F.linear(xd, self.weight_int8[rows].to(dtype)) * self.scales[rows].to(dtype)).to(x2.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     _cuda_op: bool | None = None
 
