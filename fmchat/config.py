@@ -38,7 +38,7 @@ class RunConfig:
     api_model: str | None = _f(None, "--api-model", help="openai backend: model name on the server (default: the first it lists).", reload=True, label="Server model")  # fmt: skip
     quant: str = _f("none", "--quant", help="Weight quantization (kernels/quant).", choices=registry.QUANTS, reload=True, label="Quantization")  # fmt: skip
     kernel: str = _f("sdpa", "--kernel", help="Attention kernel (kernels/attention).", choices=registry.KERNELS, reload=True, label="Attention kernel")  # fmt: skip
-    compile: str = _f("off", "--compile", help="Decode path: torch.compile the one-token step (falls back to eager, reported).", choices=registry.DECODE_PATHS, reload=True, label="Compiled step")  # fmt: skip
+    compile: str = _f("auto", "--compile", help="Decode path: auto (the compiled one-token step where it works here, compiled once per machine in the background and cached; eager meanwhile), eager, or compiled (at load). off/on: old names of eager/compiled.", choices=registry.DECODE_PATHS, reload=True, label="Decode path")  # fmt: skip
     device: str = _f("auto", "--device", help="Device.", choices=registry.DEVICES, reload=True, label="Device")  # fmt: skip
     dtype: str = _f("auto", "--dtype", help="Dtype of the weights and the KV cache.", choices=registry.DTYPES, reload=True, label="Dtype")  # fmt: skip
     ctx: int | None = _f(None, "--ctx", help="Context window cap (tokens; default: the model's, at most 8192).", reload=True, min=16, label="Context size")  # fmt: skip

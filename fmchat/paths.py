@@ -22,3 +22,8 @@ def config_dir() -> Path:
 def data_dir() -> Path:
     """Saved sessions."""
     return Path(platformdirs.user_data_dir(APP))
+
+
+def compiled_dir() -> Path:
+    """Compiled decode steps, one entry per model, load options and machine (rebuildable)."""
+    return cache_dir() / "compiled"

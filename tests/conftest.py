@@ -23,6 +23,11 @@ for var in ("OLLAMA_MODELS", "LLAMA_CACHE", "HF_HUB_CACHE", "HF_HOME"):
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The default decode path (auto) compiles the decode step in a background thread at every load: minutes of CPU per
+# model a test loads. Tests get the eager path unless they ask (tests/test_decode_auto.py sets it to 1), and
+# inductor's own cache stays torch's default (per test run) instead of fmchat's cache dir.
+os.environ.setdefault("FMCHAT_AUTO_COMPILE", "0")
+os.environ.setdefault("FMCHAT_INDUCTOR_DIR", "-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCRIPT = REPO.parent / "shared" / "bench" / "conversation.json"

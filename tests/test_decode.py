@@ -31,7 +31,7 @@ def _run(session: ChatSession) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def eager_ids(tiny_model):
-    return _run(_session(tiny_model))  # the default path: sdpa, DynamicCache, eager
+    return _run(_session(tiny_model, compile="eager"))  # the reference: sdpa, DynamicCache, eager
 
 
 @pytest.mark.parametrize("choice", ["on"])
@@ -64,7 +64,7 @@ def test_compiled_matches_eager_other_archs(tmp_path, smol_tokenizer, arch, extr
     """Phi-3 (fused qkv, here with a sliding window shorter than the chat) and Qwen2 (q/k/v biases): the compiled
     step's in-graph attention gives the eager greedy tokens in float32, across turns and past the window."""
     model = build_tiny_model(tmp_path / arch, smol_tokenizer, arch, **extra)
-    eager = _run(_session(model))
+    eager = _run(_session(model, compile="eager"))
     s = _session(model, compile="on")
     assert s.backend._step is not None, s.backend.compile_status
     assert s.backend._step.direct is not None  # several compiled steps in one process: each finds its own entry
@@ -99,9 +99,13 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tiny_model, eager_ids)
     assert s.messages[-1].stats.decode_path == b.compile_status
 
 
-def test_default_is_eager(tiny_model):
-    s = _session(tiny_model)
-    assert s.backend.compile_status == "off" and s.backend.decode_path == "eager"
+def test_default_is_auto_and_eager_is_plain_eager(tiny_model, monkeypatch):
+    """The default decode path is ``auto`` (tests/test_decode_auto.py); ``eager`` (and its old name ``off``) is the
+    plain eager path on the kernel asked for, with no compile started."""
+    assert RunConfig().compile == "auto"
+    for name in ("eager", "off"):
+        b = _session(tiny_model, compile=name).backend
+        assert b.compile_status == "off" and b.decode_path == "eager" and b._build is None and b.kernel == "sdpa"
 
 
 def test_bench_decode_reports_every_column(tiny_model, capsys):

@@ -15,7 +15,7 @@ def bench_load(model: str | None, device: str = "auto", dtype: str = "auto", rep
     from fmchat.conversation import load_backend
 
     run = report.begin("bench load")
-    config = RunConfig(model=model, device=device, dtype=dtype)
+    config = RunConfig(model=model, device=device, dtype=dtype, compile="eager")  # load times alone, no compile beside
     rows = []
     saved = os.environ.get("FMCHAT_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="fmchat-bench-load-") as tmp:

@@ -82,7 +82,7 @@ def worker(label: str, model: str | None, turns: list[str], max_new_tokens: int,
 
     quant, dtype = ROWS[label]
     config = RunConfig(model=model, device="cpu", dtype=dtype, quant=quant, threads=threads, max_new_tokens=max_new_tokens,
-                       temperature=0.0, seed=0)  # fmt: skip
+                       temperature=0.0, seed=0, compile="eager")  # fmt: skip (each scheme's own products, no compile beside)
     t0 = time.perf_counter()
     chat = Conversation.open(config, save=False)
     load_s = time.perf_counter() - t0

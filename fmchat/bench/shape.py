@@ -186,7 +186,9 @@ def worker(args: dict) -> dict:
     if args["kind"] == "llamacpp":
         cfg = RunConfig(model=args["model"], backend="llamacpp", device="cpu", ctx=args["ctx"], threads=args["threads"])
     else:
-        cfg = RunConfig(model=args["model"], quant=args["quant"], device="cpu", ctx=args["ctx"], threads=args["threads"])
+        # the decode path is explicit: "auto" would start a background compile in the middle of the timings
+        cfg = RunConfig(model=args["model"], quant=args["quant"], device="cpu", ctx=args["ctx"], threads=args["threads"],
+                        compile=args.get("compile", "eager"))  # fmt: skip
     say(f"loading {Path(args['model']).name} (fresh process, RSS {rss_before / 2**20:.0f} MiB before)")
     t0 = time.perf_counter()
     backend = load_backend(cfg, _throttled(say))
@@ -278,7 +280,8 @@ def _run_row(args: dict, tmp: Path) -> tuple[dict | None, str]:
 
 # ---------------------------------------------------------------- the bench
 def bench_shape(name: str, *, quants=DEFAULT_QUANTS, llamacpp: bool = True, ttft_tokens: int = 512,
-                contexts=(128, 1024), new_tokens: int = 16, threads: int | None = None, json_out: bool = False) -> dict:  # fmt: skip
+                contexts=(128, 1024), new_tokens: int = 16, threads: int | None = None, json_out: bool = False,
+                compile: str = "eager") -> dict:  # fmt: skip
     """Measure every row; raise ValueError (one line) for a bad name, RuntimeError when a row fails."""
     from fmchat.backends.base import default_threads
 
@@ -300,7 +303,7 @@ def bench_shape(name: str, *, quants=DEFAULT_QUANTS, llamacpp: bool = True, ttft
     weights, gen = ensure_weights(config, log)
     gen["wall_s"] = round(time.perf_counter() - t0, 1)
     common = {"ctx": ctx, "threads": threads, "vocab": shape["vocab"], "ttft_tokens": ttft_tokens,
-              "contexts": contexts, "new_tokens": new_tokens}  # fmt: skip
+              "contexts": contexts, "new_tokens": new_tokens, "compile": compile}  # fmt: skip
     rows: list[dict] = []
     steps: dict = {"weights": gen}
     llama_note = None

@@ -31,7 +31,7 @@ BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="transformers |
 BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8080/v1")]
 ApiModelOpt = Annotated[str | None, typer.Option("--api-model", help="Model name on the server (default: the first it lists).")]
 QuantOpt = Annotated[str, typer.Option("--quant", help="transformers row: none | bf16 | fp16 | int8 | int4 | log8")]
-CompileOpt = Annotated[str, typer.Option("--compile", help="transformers row: off | on")]
+CompileOpt = Annotated[str, typer.Option("--compile", help="transformers row's decode path: auto | eager | compiled")]
 
 
 def _script_turns(script: Path | None, turns: int | None = None) -> list[str]:
@@ -74,12 +74,13 @@ def bench_backends_cmd(
     api_model: ApiModelOpt = None,
     threads: ThreadsOpt = None,
     quant: QuantOpt = "none",
-    compile_: CompileOpt = "off",
+    compile_: CompileOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """The shared conversation on transformers and llama.cpp (and a server with --base-url), one after another.
 
-    --quant and --compile apply to the transformers row (e.g. --compile on --quant int8: the fast decode path)."""
+    --quant and --compile apply to the transformers row. With the default decode path (auto) the bench waits for the
+    compiled step before the first turn (loaded from the compile cache after a first run), so every turn uses it."""
     from fmchat.bench.backends import bench_backends
 
     user_turns = _script_turns(script, turns)
@@ -222,6 +223,7 @@ def bench_shape_cmd(
     contexts: Annotated[str, typer.Option("--contexts", help="Comma-separated context lengths (tokens) to decode at.")] = "128,1024",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens decoded (timed) per context.")] = 16,
     threads: ThreadsOpt = None,
+    compile_: Annotated[str, typer.Option("--compile", help="transformers rows' decode path: eager | compiled (compiled at load, or loaded from the compile cache).")] = "eager",
     json_out: JsonOpt = False,
 ) -> None:
     """What a model of this shape costs here, on random weights: load, peak RSS, weights, KV/token, TTFT, decode tok/s."""
@@ -236,8 +238,43 @@ def bench_shape_cmd(
     if llamacpp:
         registry.BACKENDS.require("llamacpp")  # "needs llama-cpp-python" where it is not installed
     ctxs = positive_ints("--contexts", contexts)
+    if compile_ not in ("eager", "compiled"):
+        raise UserError(f"--compile: {compile_!r} is not eager or compiled")
     try:
         bench_shape(name, quants=chosen, llamacpp=llamacpp, ttft_tokens=ttft_tokens, contexts=ctxs, new_tokens=new_tokens,
-                    threads=threads, json_out=json_out)  # fmt: skip
+                    threads=threads, json_out=json_out, compile=compile_)  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
+
+
+@bench_app.command("arch")
+def bench_arch_cmd(
+    model: ModelOpt = None,
+    checks: Annotated[str, typer.Option("--checks", help="Comma-separated: reuse,fmc,compiled,shift,llamacpp.")] = "reuse,fmc,compiled,shift,llamacpp",
+    turns: TurnsOpt = None,
+    script: ScriptOpt = None,
+    max_new_tokens: MaxNewOpt = 32,
+    shift_ctx: Annotated[int, typer.Option("--shift-ctx", min=64, help="Context window of the shift checks (tokens).")] = 256,
+    shift_turns: Annotated[int, typer.Option("--shift-turns", min=1, help="Turns of the shift checks (the script repeats).")] = 18,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Whether a model's architecture runs end to end: KV reuse = re-prefill, fmc = sdpa, compiled = eager (float32,
+    token ids), --memory shift in a small window shifts on every layer, llama.cpp on the same file. Exits 1 on a failure."""
+    from fmchat.bench.arch import CHECKS, Plan, bench_arch
+
+    chosen = list(dict.fromkeys(csv_items(checks)))
+    bad = [c for c in chosen if c not in CHECKS]
+    if bad or not chosen:
+        raise UserError(f"--checks: unknown {', '.join(bad)} (use {', '.join(CHECKS)})" if bad else "--checks: name at least one check")
+    from fmchat import models
+
+    models.resolve(model)  # an unknown model is one line here, before any check runs
+    plan = Plan(model, _script_turns(script, turns), max_new_tokens=max_new_tokens, shift_ctx=shift_ctx,
+                shift_turns=shift_turns, device=device, threads=threads)  # fmt: skip
+    result = bench_arch(plan, chosen, lambda config: open_conversation(config, save=False), json_out=json_out)
+    if not result["passed"]:
+        failed = ", ".join(result["failed"]) or "none passed"
+        typer.echo(f"fmchat: bench arch: {len(result['failed'])} of {len(result['checks'])} checks failed ({failed})", err=True)
+        raise typer.Exit(1)

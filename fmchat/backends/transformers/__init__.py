@@ -22,8 +22,15 @@ registry.QUANTS.add("int8", "int8 (per-channel, weight-only)", capabilities={"in
 registry.QUANTS.add("int4", "int4 (groups of 32, weight-only)", capabilities={"integer"})
 registry.QUANTS.add("log8", "log8 (8-bit logarithmic, weight-only)", capabilities={"integer"})
 
-registry.DECODE_PATHS.add("off", "off (eager: one PyTorch call per op)")
-registry.DECODE_PATHS.add("on", "on (torch.compile the one-token step; falls back to eager and says why)")
+# The decode path (``--compile``; compiled.py, compile_cache.py, docs/decode.md). "off" and "on" are the names
+# before "auto" existed, kept so that saved settings files and scripts keep working (capability "alias": the
+# settings pane need not offer them twice).
+registry.DECODE_PATHS.add("auto", "auto (the compiled step where it works here: compiled once per machine in the "
+                          "background and cached, eager meanwhile)")  # fmt: skip
+registry.DECODE_PATHS.add("eager", "eager (one PyTorch call per op)")
+registry.DECODE_PATHS.add("compiled", "compiled (torch.compile the one-token step at load, cached; falls back to eager and says why)")
+registry.DECODE_PATHS.add("off", "off (= eager)", capabilities={"alias", "alias-of:eager"})
+registry.DECODE_PATHS.add("on", "on (= compiled)", capabilities={"alias", "alias-of:compiled"})
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fmchat import models, registry, templates
+from fmchat import models, paths, registry, templates
 from fmchat.errors import UserError
 
 from ..base import AllLogits, KVShift, KVSnapshot, LoadReport, ProgressFn, TokenBackend, no_progress
@@ -97,6 +97,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         else:
             progress(f"locating {source.name}", None)
             weights = models.local_dir(source)
+        self._weights_dir = Path(weights)
         progress("loading tokenizer", None)
         self.tokenizer = AutoTokenizer.from_pretrained(str(weights))
         vocab = self.tokenizer.get_vocab()
@@ -109,8 +110,10 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         progress(f"loading weights ({self._dtype_name()}, {self._dev})", None)
         registry.KERNELS.require(options.kernel)
         self.kernel = options.kernel
-        self.compile_status = "off"  # decode step: "off", "compiled (...)", or "eager: <why compile failed>"
-        if options.compile != "off" and self.kernel != "fmc":
+        # decode step: "off", "compiled (...)", "eager: <why not compiled>", or (auto) "auto: <what runs meanwhile>"
+        self.compile_status = "off"
+        self._decode_choice, self._eager_reason = self._plan_decode(options.compile)
+        if self._decode_choice != "eager" and self.kernel != "fmc":
             self.kernel = "fmc"  # the compiled step needs the preallocated cache (fixed shapes)
         if self.kernel == "fmc":
             from .fmc import register
@@ -133,9 +136,17 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
         self.cache = self._new_cache()  # after ctx_size: the fmc cache is preallocated to it
         self.eos_token_ids = frozenset(self._eos_ids() | templates.stop_ids(self.template, vocab.get))
         self._weights_bytes = self._count_weights_bytes()
+        if self._dev == "cpu":  # before any compile: the compiled step reads the choices, and its cache key names them
+            self._select_kernels(progress)
         self._step = None
-        if options.compile != "off":
-            self._compile_step(options.compile, progress)
+        self._last_forward = time.monotonic()  # the load counts as activity: a chat starting now goes first
+        self._build = None  # the StepBuild of the compiled step (compiled.py), while one is wanted
+        if self._decode_choice == "auto":
+            self._start_background_compile()
+        elif self._decode_choice != "eager":
+            self._compile_step(self._decode_choice, progress)
+        elif self._eager_reason and "FMCHAT_AUTO_COMPILE" not in self._eager_reason:
+            self.compile_status = f"eager ({self._eager_reason})"  # (switched off by the variable: plain "eager")
         self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights))
         progress("ready", 1.0)
 
@@ -168,27 +179,190 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
             total += t.numel() * t.element_size()
         return total
 
-    def _compile_step(self, choice: str, progress: ProgressFn) -> None:
-        """Compile the one-token decode step once (at load); on any failure stay eager and say why."""
-        from .compiled import CompiledStep
+    def _select_kernels(self, progress: ProgressFn) -> None:
+        """Pick the weight-product kernels (one row, prefill) for this model's weight formats by measuring them on
+        this machine, once per torch version, CPU capability, threads and model size; cached (kernels/quant/select.py,
+        docs/quant.md)."""
+        from fmchat_kernels.quant import select
 
-        progress("compiling decode step (once per model and options)", None)
+        from .compiled import INDUCTOR_OPTIONS
+
+        select.ensure_for_model(self.model, paths.cache_dir() / "kernel_choices.json",
+                                compiled=self._decode_choice != "eager", compile_options=INDUCTOR_OPTIONS,
+                                log=lambda m: progress(m, None))  # fmt: skip
+
+    # ---------------------------------------------------------------- the decode path (compiled.py, compile_cache.py)
+    def _plan_decode(self, value: str) -> tuple[str, str]:
+        """(the decode path to prepare, why eager when it is eager by circumstance). ``auto`` becomes eager where
+        the compiled step cannot run: on CUDA (docs/decode.md), or when FMCHAT_AUTO_COMPILE=0 (the test suite's
+        default, so that each small model a test loads does not start a compile)."""
+        import os
+
+        from .compiled import decode_choice
+
+        choice = decode_choice(value)
+        if choice != "auto":
+            return choice, ""
+        if self._dev != "cpu":
+            return "eager", "auto: the compiled step is CPU-only for now"
+        if os.environ.get("FMCHAT_AUTO_COMPILE", "1") == "0":
+            return "eager", "auto: background compile off (FMCHAT_AUTO_COMPILE=0)"
+        return "auto", ""
+
+    def _cache_entry(self, backend: str):
+        """The on-disk cache entry of this backend's compiled step (None for torch.compile backends that leave no
+        artifact to keep)."""
+        if backend != "inductor":
+            return None
+        from . import compile_cache
+        from .compiled import INDUCTOR_OPTIONS
+
+        weights = Path(self._weights_dir)
+        model = {"name": self.model_name, **compile_cache.weights_fingerprint(weights)}
+        load = {"quant": self.quant, "dtype": self.dtype, "kernel": self.kernel, "ctx": self.ctx_size, "device": self._dev}
+        from fmchat_kernels.quant import select
+
+        formats = select.model_formats_and_shapes(self.model)[0]
+        return compile_cache.Entry(compile_cache.step_key(model, load, {"backend": backend, "inductor": INDUCTOR_OPTIONS},
+                                                          formats))  # fmt: skip
+
+    def _new_build(self, choice: str, scratch: bool, progress=None):
+        from .compiled import CompiledStep, StepBuild
+
+        backend = "inductor" if choice in ("auto", "compiled") else choice
+
+        def make():
+            # the background compile works on a scratch cache of the same shapes (the chat keeps its own meanwhile)
+            cache = self._new_cache() if scratch else self.cache
+            return CompiledStep(self.model, cache, self._dev, choice)
+
         try:
-            step = CompiledStep(self.model, self.cache, self._dev, choice)
-            seconds = step.warm_up()
-        except Exception as exc:  # noqa: BLE001 - any compiler error means: decode eagerly, and report it
-            self.cache.crop_to(0)
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            self.compile_status = f"eager: compile failed ({type(exc).__name__}: {first})"
-            progress(f"compile failed, decoding eagerly: {type(exc).__name__}", None)
+            entry = self._cache_entry(backend)
+        except Exception:  # noqa: BLE001 - no cache key (e.g. unreadable weights dir): compile without caching
+            entry = None
+        return StepBuild(make, entry, progress)
+
+    def _idle(self) -> bool:
+        """No forward for a second (a reply finished, or none has started since the load): the background compile
+        may take the CPU (``StepBuild.idle``)."""
+        return time.monotonic() - self._last_forward >= 1.0
+
+    def _start_background_compile(self) -> None:
+        self._build = self._new_build("auto", scratch=True)
+        self._build.idle = self._idle
+        self.compile_status = "auto: eager until the compiled step is ready"
+        self._build.start()
+
+    def _compile_step(self, choice: str, progress: ProgressFn) -> None:
+        """Compile the one-token decode step now (at load; from the cache when this machine compiled it before); on
+        any failure stay eager and say why."""
+        progress("compiling decode step (once per machine, model and options; cached)", None)
+        build = self._new_build(choice, scratch=False, progress=progress)
+        step = build.run()
+        self.cache.crop_to(0)
+        if step is None:
+            self.compile_status = f"eager: compile failed ({build.error})"
+            progress(f"compile failed, decoding eagerly: {(build.error or '').split(':')[0]}", None)
             return
+        self._build = build
         self._step = step
-        self.compile_status = f"compiled ({step.backend}, {seconds:.1f} s)"
+        self.compile_status = self._compiled_status(build)
+
+    @staticmethod
+    def _compiled_status(build) -> str:
+        how = "cached, " if build.cached else ""
+        return f"compiled ({build.step.backend}, {how}{build.seconds:.1f} s)"
+
+    def _maybe_switch(self) -> None:
+        """Between turns only (called at a prefill or on an empty cache): take the background-compiled step once it
+        is ready, bound to this chat's cache; or record why it failed."""
+        build = self._build
+        if build is None or self._step is not None or not build.done.is_set():
+            return
+        if build.step is None:
+            self.compile_status = f"eager: compile failed ({build.error})"
+            self._build = None
+            return
+        try:
+            build.step.bind(self.cache)
+        except Exception as exc:  # noqa: BLE001 - cannot happen with fmc's fixed buffers; stay eager if it does
+            self.compile_status = f"eager: compiled step not usable ({exc})"
+            self._build = None
+            return
+        self._step = build.step
+        self.compile_status = self._compiled_status(build)
+
+    def wait_decode_step(self, timeout: float | None = None, progress: ProgressFn | None = None) -> bool:
+        """Block until the background compile (``--compile auto``) has finished, reporting ``progress`` every few
+        seconds; the compiled step is then used from the next turn (the first one, when nothing is cached yet).
+        True when a compiled step is ready. ``fmchat run`` calls this: before its reply when the step is cached
+        (loading it is quicker than an eager reply), after it otherwise (so that the next launch finds it cached)."""
+        build = self._build
+        if build is None:
+            return self._step is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not build.done.wait(2.0 if progress or deadline is not None else None):
+            if progress is not None:
+                progress(f"decode step: {build.phase} ({build.elapsed():.0f} s)", build.fraction())
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        if self.cached_tokens() == 0:
+            self._maybe_switch()
+        return build.step is not None
+
+    def watch_decode(self, fn) -> None:
+        """Call ``fn()`` (no arguments, on the compile thread: hand it to the UI thread) whenever the background
+        compile changes phase or finishes; then read ``decode_status()``. Does nothing when no compile is under way."""
+        if self._build is not None and not self._build.done.is_set():
+            self._build.listeners.append(fn)
+
+    def decode_status(self) -> dict:
+        """What the panel shows about the decode path, as plain values: ``path`` ("eager" / "compiled"), ``choice``
+        (the setting: auto, eager, compiled), ``state`` ("eager", "compiling", "ready" = compiled, waiting for the
+        next turn, "compiled", "failed", "unavailable"), ``phase`` (what the compile does now), ``elapsed_s``,
+        ``fraction`` (an estimate from the last compile of this key here, or None), ``cached_entry`` (a compiled
+        step for this key was on disk at load), ``cached`` (the step in use came from it), ``detail`` (the one-line
+        status, as in ``decode_path``) and ``cache_dir``."""
+        build = self._build
+        choice = self._decode_choice if not self._eager_reason else "auto"
+        detail = f"eager ({self._eager_reason})" if self._eager_reason else self.decode_path
+        out = {"path": "compiled" if self._step is not None else "eager", "choice": choice, "detail": detail,
+               "phase": None, "elapsed_s": None, "fraction": None, "cached_entry": False, "cached": False, "cache_dir": None}  # fmt: skip
+        if self._step is not None:
+            out["state"] = "compiled"
+        elif self.compile_status.startswith("eager: compile failed"):
+            out["state"] = "failed"
+        elif self._eager_reason and choice == "auto":
+            out["state"] = "unavailable"
+        elif build is None:
+            out["state"] = "eager"
+        else:
+            out["state"] = "ready" if build.done.is_set() and build.step is not None else "compiling"
+        if build is not None:
+            out.update(phase=build.phase, elapsed_s=round(build.elapsed(), 1), fraction=build.fraction(), cached=build.cached,
+                       cached_entry=build.expected is not None, cache_dir=str(build.entry.dir) if build.entry else None)  # fmt: skip
+        return out
 
     @property
     def decode_path(self) -> str:
-        """How one-token steps run: "eager", "compiled (...)" or "eager: compile failed (...)"."""
-        return "eager" if self.compile_status == "off" else self.compile_status
+        """How one-token steps run: "eager", "compiled (...)", "eager: <why>" or, while ``auto`` compiles in the
+        background, "eager (compiled step: <phase>, <s> s)" / "eager (compiled step ready from the next turn)"."""
+        if self.compile_status == "off":
+            return "eager"
+        build = self._build
+        if self._step is None and build is not None and self.compile_status.startswith("auto:"):
+            if build.done.is_set():
+                if build.step is None:
+                    return f"eager: compile failed ({build.error})"
+                return "eager (compiled step ready from the next turn)"
+            return f"eager (compiled step: {build.phase}, {build.elapsed():.0f} s)"
+        return self.compile_status
+
+    def close(self) -> None:
+        """A background compile not yet begun will not begin (one under way finishes on its daemon thread: torch's
+        compile cannot be interrupted; it is still saved for the next launch, then dropped)."""
+        if self._build is not None and self._step is None:
+            self._build.cancel()
 
     # ---------------------------------------------------------------- TokenBackend
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -214,7 +388,10 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        self._last_forward = time.monotonic()
         past = self.cached_tokens()
+        if self._build is not None and self._step is None and (len(ids) > 1 or past == 0):
+            self._maybe_switch()  # a prefill starts a turn: the only place the decode path may change
         if self._step is not None and len(ids) == 1 and past > 0:
             if past + 1 > self.ctx_size:
                 raise ValueError(f"fmc KV cache is full: {past} + 1 tokens > {self.ctx_size}")
@@ -328,6 +505,16 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
                         seen.add(st.data_ptr())
                         total += st.nbytes()
         return total
+
+    def kv_used_bytes(self) -> int | None:
+        # Every layer keeps a cell per cached position (sliding-window layers included: full_length_layers), so the
+        # bytes in use are the cached tokens times each layer's K and V bytes per position ([B, H_kv, *, D]).
+        per_position = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor) and t.dim() == 4:
+                    per_position += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
+        return self.cached_tokens() * per_position
 
     def weights_bytes(self) -> int | None:
         return self._weights_bytes

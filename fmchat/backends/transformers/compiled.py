@@ -23,7 +23,9 @@ backend on the eager path with the reason in ``compile_status``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 import time
 import types
 
@@ -34,9 +36,18 @@ from fmchat_kernels.quant import float_gemv
 
 from .compat import CACHE_ARG
 
-# Values of LoadOptions.compile: "off", "on" (= inductor), or any other torch.compile backend name
-# ("aot_eager", "eager", ...; useful to tell a compiler problem from a tracing one).
-COMPILE_CHOICES = ("off", "on")
+# Values of RunConfig.compile: "auto" (the compiled step when it works here, prepared in the background; eager
+# meanwhile), "eager", "compiled" (= inductor, at load), the old names "off" (= eager) and "on" (= compiled), or, for
+# the backend factory only, any other torch.compile backend name ("aot_eager", ...; useful to tell a compiler
+# problem from a tracing one).
+COMPILE_CHOICES = ("auto", "eager", "compiled")
+ALIASES = {"off": "eager", "on": "compiled"}
+
+
+def decode_choice(value: str | None) -> str:
+    """The canonical decode path for a RunConfig.compile value ("off"/"on" are the names before "auto")."""
+    value = value or "auto"
+    return ALIASES.get(value, value)
 
 
 def step_attention(module, query, key, value, step, scaling, sliding_window):
@@ -63,7 +74,9 @@ class DecodeLinear(torch.nn.Linear):
     in by class (weights, hooks and state dict untouched)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
+        # is_dynamo_compiling, not is_compiling: the latter reads a process-wide flag that is also true for a thread
+        # decoding eagerly while another thread compiles (the background compile of ``--compile auto``).
+        if torch.compiler.is_dynamo_compiling() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
             return float_gemv(x.reshape(1, -1), self.weight, self.bias).reshape(x.shape[:-1] + (self.out_features,))
         return super().forward(x)
 
@@ -114,19 +127,13 @@ class CompiledStep:
             # Checked on an H100 (docs/decode.md): greedy tokens differed from eager there, so stay eager on GPU.
             raise NotImplementedError("the compiled decode step is CPU-only for now (on CUDA it did not match eager)")
         self.model = model
-        self.cache = cache
         self.device = device
-        self.layers = list(cache.layers)
-        self.k = [layer.keys for layer in self.layers]
-        self.v = [layer.values for layer in self.layers]
-        self.lens = [layer.seq_lens for layer in self.layers]
-        for t in self.k + self.v:
-            torch._dynamo.mark_static(t)  # the buffers never change shape; only the fill ``n`` is symbolic
+        self.bind(cache)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
         torch._dynamo.mark_static(self.ids)
         torch._dynamo.mark_static(self.pos)
-        backend = "inductor" if choice == "on" else choice
+        backend = "inductor" if decode_choice(choice) in ("auto", "compiled") else choice
         self.backend = backend
         self.direct = None  # set after warm-up: see _direct_entry
         kw: dict = {}
@@ -137,6 +144,24 @@ class CompiledStep:
         use_decode_linears(model)
         self.step = _own_step_function()
         self.fn = torch.compile(self.step, backend=backend, fullgraph=True, dynamic=True, **kw)
+
+    def bind(self, cache) -> None:
+        """Run on ``cache``'s buffers from now on. The graph takes them as inputs (never as constants), so a step
+        compiled over one FmcCache serves another of the same shapes: the background compile of ``--compile auto``
+        works on a scratch cache while the chat decodes eagerly on its own, then binds the step to the chat's."""
+        layers = list(cache.layers)
+        if hasattr(self, "layers"):
+            old = [(tuple(t.shape), t.dtype, t.stride()) for layer in self.layers for t in (layer.keys, layer.values)]
+            new = [(tuple(t.shape), t.dtype, t.stride()) for layer in layers for t in (layer.keys, layer.values)]
+            if old != new:
+                raise ValueError("the compiled step was built for KV buffers of other shapes")
+        self.cache = cache
+        self.layers = layers
+        self.k = [layer.keys for layer in self.layers]
+        self.v = [layer.values for layer in self.layers]
+        self.lens = [layer.seq_lens for layer in self.layers]
+        for t in self.k + self.v:
+            torch._dynamo.mark_static(t)  # the buffers never change shape; only the fill ``n`` is symbolic
 
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
@@ -191,3 +216,119 @@ class CompiledStep:
         if len(entries) != 1:
             return None
         return types.FunctionType(entries[0].code, self.step.__globals__, self.step.__name__)
+
+
+class StepBuild:
+    """Builds one ``CompiledStep`` through the on-disk cache (``compile_cache``): load the cached artifact when
+    there is one for this key, compile (a cache hit then), check, and save the artifact when the entry was missing,
+    stale or corrupt. ``run()`` builds in the calling thread (``--compile compiled``, or ``auto`` with a cached
+    entry); ``start()`` on a daemon thread (``auto`` without one), while the chat decodes eagerly on its own cache.
+
+    ``make_step`` returns the (not yet warmed-up) CompiledStep; ``entry`` is the cache entry (None: no caching,
+    e.g. a torch.compile backend other than inductor). Readable from any thread: ``phase``, ``error``, ``step``,
+    ``cached`` (the compile was served by the saved artifact), ``seconds``, ``done`` (an Event)."""
+
+    def __init__(self, make_step, entry=None, progress=None, idle=None):
+        self.make_step = make_step
+        # idle() -> True when the chat has not run the model for a moment: a background build starts only then.
+        # Tracing holds the GIL and compiling takes the cores, so a build running under a reply slows it several
+        # times (measured: 0.3 tok/s against ~30 on the 2-core CPU); between replies it costs nobody anything.
+        self.idle = idle
+        self.entry = entry
+        self.progress = progress  # progress(step, fraction) of the load, or None
+        self.phase = "waiting"
+        self.error: str | None = None
+        self.step: CompiledStep | None = None
+        self.cached = False
+        self.rebuilt: str | None = None  # why a saved entry was discarded and rebuilt
+        self.saved = False
+        self.seconds = 0.0
+        self.expected = entry.expected_seconds() if entry is not None else None
+        self.started: float | None = None
+        self.done = threading.Event()
+        self.thread = None
+        self.cancelled = False  # set by cancel(): a build still waiting for the compile lock does not begin
+        self.listeners: list = []  # fn() called (on the compile thread) at each phase and when done
+
+    def _notify(self) -> None:
+        for fn in list(self.listeners):
+            with contextlib.suppress(Exception):  # a display callback must not break the compile
+                fn()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return self.seconds if self.done.is_set() else time.perf_counter() - self.started
+
+    def fraction(self) -> float | None:
+        """An estimate from the last compile of this key on this machine (None when there was none)."""
+        if self.done.is_set():
+            return 1.0
+        if not self.expected or self.started is None:
+            return None
+        return min(0.99, self.elapsed() / self.expected)
+
+    def _say(self, phase: str) -> None:
+        self.phase = phase
+        if self.progress is not None:
+            self.progress(f"decode step: {phase}", None)
+        self._notify()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run_when_idle, name="fmchat-compile", daemon=True)
+        self.thread.start()
+
+    def _run_when_idle(self) -> None:
+        if self.idle is not None and not self.idle():
+            self._say("waiting for the reply to finish")
+            while not self.idle() and not self.cancelled:
+                time.sleep(0.2)
+        self.run()
+
+    def run(self) -> CompiledStep | None:
+        from . import compile_cache as cc
+
+        self.started = time.perf_counter()
+        try:
+            with cc.COMPILE_LOCK, cc.inductor_dir():
+                if self.cancelled:
+                    raise RuntimeError("cancelled (the backend was closed)")
+                loaded = False
+                if self.entry is not None and self.entry.exists():
+                    self._say("loading the cached step")
+                    try:
+                        data = self.entry.read()
+                        cc.load_into_torch(data)
+                        loaded = True
+                    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, stale: rebuild it
+                        self.rebuilt = f"{type(exc).__name__}: {exc}"[:200]
+                        self.entry.discard()
+                cc.clear_recorded_artifacts()
+                hits = cc.cache_hits()
+                self._say("compiling (torch.compile, inductor)" if not loaded else "compiling from the cached step")
+                step = self.make_step()
+                step.warm_up()
+                self.cached = loaded and cc.cache_hits() > hits
+                if self.entry is not None and not self.cached:
+                    self._say("saving the compiled step for the next launch")
+                    try:
+                        data = cc.save_from_torch()
+                        if data:
+                            self.entry.write(data, time.perf_counter() - self.started)
+                            self.saved = True
+                    except Exception as exc:  # noqa: BLE001 - no cache (read-only dir, disk full): still compiled
+                        self.rebuilt = (self.rebuilt or "") + f" (not saved: {type(exc).__name__}: {exc})"[:200]
+            self.step = step
+            self.phase = "ready"
+        except Exception as exc:  # noqa: BLE001 - any compiler error means: decode eagerly, and report it
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.error = f"{type(exc).__name__}: {first}"
+            self.phase = "failed"
+        finally:
+            self.seconds = time.perf_counter() - self.started
+            self.done.set()
+            self._notify()
+        return self.step
