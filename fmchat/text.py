@@ -57,3 +57,10 @@ def pictures(text: str) -> str:
 def one_newline(text: str) -> str:
     """Every line break as "\\n": terminals send CR (or CRLF) for the newlines of a paste."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def count(n: int | None, unit: str) -> str:
+    """``n`` with its unit, singular or plural ("1 token", "2 tokens"); n/a when unknown."""
+    if n is None:
+        return "n/a"
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"

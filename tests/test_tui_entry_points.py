@@ -35,7 +35,7 @@ FLAG_FIELD = {flag: f.name for f in fields(RunConfig) for spec in f.metadata["fl
 # What the loaded backend reports for a Running row (the rest come from the config the chat runs with).
 REPORTED_BY_BACKEND = {"model": "model_name", "backend": "name", "device": "device", "dtype": "dtype",
                        "quant": "quant", "kernel": "kernel", "compile": "decode_path", "chat_template": "chat_template"}  # fmt: skip
-# A backend that lacks the capability reports its own value for the setting (llama.cpp: quant "gguf",
+# A backend that lacks the capability reports its own value for the setting (llama.cpp: its GGUF's quant, e.g. "Q4_1",
 # kernel "llama.cpp", decode path "llamacpp") instead of the one typed.
 CAPABILITY = {"quant": "quant", "kernel": "kernels", "compile": "compiled-step"}
 
@@ -144,6 +144,6 @@ async def test_entry_point_opens_the_app_with_the_typed_settings(command, model,
             if field in RUNNING_LABELS and honours(backend.name, field):
                 assert typed_shows_as(field, value, rows[field]), (field, value, rows[field])
         if backend.name == "llamacpp":
-            assert rows["quant"] == "gguf" and rows["kernel"] == "llama.cpp"
+            assert rows["quant"] == rows["dtype"] and rows["kernel"] == "llama.cpp"  # the GGUF's own quantization
             assert re.fullmatch(r"(Q\d\w*|F16|F32|BF16)", rows["dtype"]), rows["dtype"]  # the GGUF's file type
         print(f"{command}: loaded in {loaded_s:.1f} s; running: {rows}")

@@ -85,6 +85,11 @@ class Backend(ABC):
         return None
 
     def kv_bytes(self) -> int | None:
+        """Bytes the KV cache holds (allocated); None when the backend cannot know it."""
+        return None
+
+    def kv_used_bytes(self) -> int | None:
+        """Bytes of the KV cache that hold cached positions (grows with ``seq_lens``, whatever is allocated)."""
         return None
 
     def weights_bytes(self) -> int | None:

@@ -41,7 +41,7 @@ class _Vocab:
 class LlamaCppBackend(TokenBackend, KVShift):
     name = "llamacpp"
     kernel = "llama.cpp"
-    quant = "gguf"
+    quant = "gguf"  # until loaded: then the file's own type (Q4_1, Q8_0...)
 
     def __init__(self, source: models.ModelSource, options: RunConfig, progress: ProgressFn = no_progress):
         import llama_cpp
@@ -81,6 +81,7 @@ class LlamaCppBackend(TokenBackend, KVShift):
         self.model_name = source.name
         self.device = "cuda" if gpu_layers and llama_cpp.llama_supports_gpu_offload() else "cpu"
         self.dtype = FILE_TYPES.get(int(md.get("general.file_type", -1)), "gguf")
+        self.quant = self.dtype  # the GGUF's own quantization (its file type, e.g. Q4_1): llama.cpp runs it as stored
         self.ctx_size = self.llm.n_ctx()
         self.eos_token_ids = frozenset({eos} | self._eot_ids() | templates.stop_ids(self.template, self._token_id))
         n_layer = int(md.get(f"{arch}.block_count", 0))
@@ -152,6 +153,9 @@ class LlamaCppBackend(TokenBackend, KVShift):
 
     def kv_bytes(self) -> int | None:
         return self._kv_bytes
+
+    def kv_used_bytes(self) -> int | None:
+        return self._kv_bytes * self.cached_tokens() // max(1, self.ctx_size)  # the cells holding cached positions
 
     def weights_bytes(self) -> int | None:
         return self._weights_bytes

@@ -44,9 +44,10 @@ def run_policy(session, policy: str, user_turns: list[str], n_turns: int, log) -
             stopped = {"turn": i + 1, "error": str(exc)}
             log(f"[bench] {policy:<8} turn {i + 1:>3}: stopped ({exc})")
             break
-        rows.append({"turn": i + 1, "ttft_ms": round(s.ttft_ms, 1), "prompt_tokens": s.prompt_tokens, "prefilled": s.prefilled_tokens,
+        rows.append({"turn": i + 1, "ttft_ms": None if s.ttft_ms is None else round(s.ttft_ms, 1), "prompt_tokens": s.prompt_tokens, "prefilled": s.prefilled_tokens,
                      "ctx_used": s.ctx_used, "kv_bytes": s.kv_bytes, "action": s.memory_action, "evicted": s.evicted_tokens})  # fmt: skip
-        log(f"[bench] {policy:<8} turn {i + 1:>3}: ctx {s.ctx_used}/{s.ctx_size}, TTFT {s.ttft_ms:.0f} ms {s.memory_action}")
+        ttft = report.num(s.ttft_ms, ".0f")
+        log(f"[bench] {policy:<8} turn {i + 1:>3}: ctx {s.ctx_used}/{s.ctx_size}, TTFT {ttft} ms {s.memory_action}")
     try:
         probe = session.run_turn(PROBE).reply
         recall = "ada" in probe.lower()
@@ -54,13 +55,14 @@ def run_policy(session, policy: str, user_turns: list[str], n_turns: int, log) -
         probe, recall = None, None
     nll = continuation_nll(session) if stopped is None else None
     first = next((r["turn"] for r in rows if r["action"]), None)
-    before = [r["ttft_ms"] for r in rows if first and r["turn"] < first]
-    after = [r["ttft_ms"] for r in rows if first and r["turn"] >= first]
+    timed = [r for r in rows if r["ttft_ms"] is not None]  # None: no token came
+    before = [r["ttft_ms"] for r in timed if first and r["turn"] < first]
+    after = [r["ttft_ms"] for r in timed if first and r["turn"] >= first]
     return {
         "policy": policy,
         "turns_completed": len(rows),
         "stopped": stopped,
-        "max_ctx_used": max((r["ctx_used"] for r in rows), default=0),
+        "max_ctx_used": max((r["ctx_used"] for r in rows if r["ctx_used"] is not None), default=None),  # None: unknown
         "max_kv_bytes": max((r["kv_bytes"] for r in rows if r["kv_bytes"] is not None), default=None),  # None: unknown
         "actions": sum(1 for r in rows if r["action"]),
         "evicted_tokens": sum(r["evicted"] for r in rows),
@@ -100,7 +102,7 @@ def print_table(out: dict) -> None:
         t.add_row(
             r["policy"],
             f"{r['turns_completed']}" + (" (stopped)" if r["stopped"] else ""),
-            str(r["max_ctx_used"]),
+            report.num(r["max_ctx_used"]),
             fmt_bytes(r["max_kv_bytes"]),
             str(r["actions"]),
             str(r["evicted_tokens"]),

@@ -22,7 +22,7 @@ class TurnRecord:
     turn: int
     prompt_tokens: int
     ctx_tokens: int
-    ttft_ms: float
+    ttft_ms: float | None
     reused: int
     prefilled: int
     decode_tok_s: float | None
@@ -40,8 +40,17 @@ def run_pass(session, user_turns: list[str], kv_cache: bool, log) -> list[TurnRe
             TurnRecord(i, s.prompt_tokens, s.ctx_used, s.ttft_ms, s.reused_tokens, s.prefilled_tokens, s.decode_tok_s,
                        list(session.messages[-1].token_ids))
         )  # fmt: skip
-        log(f"[bench] cache {'on ' if kv_cache else 'off'} turn {i:>2}: {s.prompt_tokens} prompt tokens, TTFT {s.ttft_ms:.0f} ms")
+        log(f"[bench] cache {'on ' if kv_cache else 'off'} turn {i:>2}: {s.prompt_tokens} prompt tokens, TTFT {_ms(s.ttft_ms)}")
     return records
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+def _ms(x: float | None) -> str:
+    """A time in ms for the progress lines; a turn that produced no token has none."""
+    return "n/a" if x is None else f"{x:.0f} ms"
 
 
 def first_divergence(on: list[TurnRecord], off: list[TurnRecord]) -> dict | None:
@@ -73,9 +82,9 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
             "reused_on": a.reused,
             "prefilled_on": a.prefilled,
             "prefilled_off": c.prefilled,
-            "ttft_on_ms": round(a.ttft_ms, 1),
-            "ttft_off_ms": round(c.ttft_ms, 1),
-            "ttft_ratio": round(a.ttft_ms / c.ttft_ms, 4) if c.ttft_ms else None,
+            "ttft_on_ms": _round(a.ttft_ms),
+            "ttft_off_ms": _round(c.ttft_ms),
+            "ttft_ratio": round(a.ttft_ms / c.ttft_ms, 4) if a.ttft_ms and c.ttft_ms else None,
             "decode_tok_s_on": round(a.decode_tok_s, 1) if a.decode_tok_s else None,
             "decode_tok_s_off": round(c.decode_tok_s, 1) if c.decode_tok_s else None,
             "identical": a.token_ids == c.token_ids,
@@ -96,7 +105,7 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
         "last_turn_ttft_ratio": last["ttft_ratio"],
     }
     summary = (
-        f"turn {last['turn']}: TTFT {last['ttft_on_ms']:.0f} ms with the KV cache vs {last['ttft_off_ms']:.0f} ms "
+        f"turn {last['turn']}: TTFT {report.num(last['ttft_on_ms'], '.0f')} ms with the KV cache vs {report.num(last['ttft_off_ms'], '.0f')} ms "
         f"re-prefilling (ratio {report.num(last['ttft_ratio'], '.3f')}); replies token-identical in {identical_turns}/{len(rows)} turns"
         + ("" if div is None else f", first divergence at turn {div['turn']} token {div['token']}")
     )
@@ -113,8 +122,8 @@ def print_table(result: dict, rows: list[dict], b) -> None:
             str(r["turn"]),
             str(r["prompt_tokens_on"]),
             f"{r['reused_on']} / {r['prefilled_on']}",
-            f"{r['ttft_on_ms']:.0f}",
-            f"{r['ttft_off_ms']:.0f}",
+            report.num(r["ttft_on_ms"], ".0f"),
+            report.num(r["ttft_off_ms"], ".0f"),
             report.num(r["ttft_ratio"], ".3f"),
             f"{r['decode_tok_s_on']:.1f}" if r["decode_tok_s_on"] else "n/a",
             "yes" if r["identical"] else "NO",

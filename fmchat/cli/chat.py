@@ -17,6 +17,7 @@ import typer
 from fmchat import __version__
 from fmchat.config import RunConfig
 from fmchat.errors import FmchatError, UserError
+from fmchat.text import count
 
 from .app import app, progress_printer, warn
 from .options import JsonOpt, given, read_script, run_config, with_config_options
@@ -29,7 +30,7 @@ def stats_line(stats) -> str:
     dec = f"{stats.decode_tok_s:.1f} tok/s" if stats.decode_tok_s else "n/a tok/s"
     ttft = f"{stats.ttft_ms:.0f} ms" if stats.ttft_ms else "n/a"
     return (
-        f"[{na(stats.generated_tokens)} tokens · TTFT {ttft} · decode {dec} · "
+        f"[{count(stats.generated_tokens, 'token')} · TTFT {ttft} · decode {dec} · "
         f"prefilled {na(stats.prefilled_tokens)}, reused {na(stats.reused_tokens)} · "
         f"context {na(stats.ctx_used)}/{na(stats.ctx_size)} tokens · RSS {stats.rss_mb:.0f} MiB"
         + (" · cancelled" if stats.cancelled else "")
@@ -139,6 +140,10 @@ def run(
         typer.echo(f"[fmchat] resumed {r.messages} messages: {r.restored} tokens from the KV snapshot ({r.snapshot}), "
                    f"{r.prefilled} prefilled", err=True)  # fmt: skip
     announced = conv.session_id
+    backend = conv.backend
+    decode = getattr(backend, "decode_status", None)  # the default decode path (auto): docs/decode.md
+    if decode is not None and decode()["state"] == "compiling" and decode()["cached_entry"]:
+        backend.wait_decode_step(progress=progress_printer())  # loading the cached step beats an eager reply
 
     for i, text in enumerate(turns, 1):
         try:
@@ -158,6 +163,13 @@ def run(
                         typer.echo(stats_line(ev.stats), err=True)
         except FmchatError as exc:  # the same error, saying which turn
             raise type(exc)(f"turn {i}: {exc}") from None
+    if decode is not None and decode()["state"] == "compiling":
+        typer.echo("[fmchat] compiling the decode step for the next launch (once per machine, model and options; "
+                   "Ctrl+C skips it)", err=True)  # fmt: skip
+        try:
+            backend.wait_decode_step(progress=progress_printer())
+        except KeyboardInterrupt:
+            typer.echo("[fmchat] compile skipped: the next launch compiles again", err=True)
     conv.close()
 
 

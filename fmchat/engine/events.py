@@ -20,22 +20,25 @@ class LoadProgress:
 
 @dataclass(frozen=True)
 class TurnStarted:
-    """The prompt is rendered and matched against the KV cache; prefill is about to start."""
+    """The prompt is rendered and matched against the KV cache; prefill is about to start. A count the backend
+    cannot know (a text-level server owns tokenizer and cache) is None, never 0."""
 
     turn: int
-    prompt_tokens: int
-    reused_tokens: int
-    prefill_tokens: int
-    ctx_size: int
+    prompt_tokens: int | None
+    reused_tokens: int | None
+    prefill_tokens: int | None
+    ctx_size: int | None
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New reply text. ``generated`` counts reply tokens so far; ``elapsed_s`` is since the first token."""
+    """New reply text. ``generated`` counts reply tokens so far (on a text-level backend: the stream's content
+    chunks); ``ctx_used`` is the KV-cache fill (None where the backend cannot know it); ``elapsed_s`` is since the
+    first token."""
 
     text: str
     generated: int
-    ctx_used: int
+    ctx_used: int | None
     elapsed_s: float
 
 

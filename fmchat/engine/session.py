@@ -71,6 +71,10 @@ class ChatSession:
         self._ledger: list[int] = []  # exactly the token ids in the backend's KV cache, in order
         self.window_start = 0  # messages before this index were dropped from the window by the memory policy
         self.memory_note = ""  # the summary policy's note on dropped turns, kept after the system prompt
+        # The record of the turn running now, or of the last one run in this chat on this backend (None after a new
+        # chat, an opened transcript, a retry or a backend switch). Filled as the turn goes (prefilled tokens, TTFT...),
+        # so a panel can read it from another thread while the turn runs.
+        self.current_turn: TurnStats | None = None
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.sampler = Sampler(self.config.gen)
@@ -80,6 +84,7 @@ class ChatSession:
         if not isinstance(backend, (TokenBackend, TextBackend)):
             raise TypeError(f"{type(backend).__name__} is neither a TokenBackend nor a TextBackend")
         self.backend = backend
+        self.current_turn = None
         self._turn_impl = self._turn_tokens if isinstance(backend, TokenBackend) else self._turn_text
         self._ledger.clear()
         if isinstance(backend, TokenBackend):
@@ -131,6 +136,7 @@ class ChatSession:
         """Start a new conversation (same model and settings)."""
         with self._busy:
             self.messages.clear()
+            self.current_turn = None
             self.window_start = 0
             self.memory_note = ""
             self._set_ledger(0)
@@ -142,6 +148,7 @@ class ChatSession:
                 if self.messages[i].role == "user":
                     text = self.messages[i].content
                     del self.messages[i:]
+                    self.current_turn = None
                     self.window_start = min(self.window_start, len(self.messages))
                     return text
             return None
@@ -175,6 +182,7 @@ class ChatSession:
         turn brings it back)."""
         with self._busy:
             self.messages[:] = messages
+            self.current_turn = None
             self.window_start = min(window_start, len(messages))
             self.memory_note = memory_note
             self.config.system = system
@@ -274,6 +282,7 @@ class ChatSession:
             stats.summarized_tokens = memory.summarized_tokens
             stats.kv_fill_before = memory.kv_before
             stats.kv_fill_after = memory.kv_after
+        self.current_turn = stats
         decoder = StreamDecoder(backend.decode)
         finish = ""
         t_first = t_last = None
@@ -367,13 +376,14 @@ class ChatSession:
         stats = TurnStats(turn=turn_no, prompt_tokens=None, reused_tokens=None, prefilled_tokens=None,
                           generated_tokens=None, ctx_used=None, ctx_size=backend.ctx_size, seq_lens=None,
                           device=backend.device, dtype=backend.dtype, decode_path=backend.decode_path)  # fmt: skip
+        before, self.current_turn = self.current_turn, stats
         parts: list[str] = []
         chunks = 0
         usage = None
         finish = ""
         t_first = t_last = None
         try:
-            yield TurnStarted(turn_no, 0, 0, 0, backend.ctx_size or 0)
+            yield TurnStarted(turn_no, None, None, None, backend.ctx_size)  # the server counts, if it tells at all
             for piece in backend.stream_chat(msgs, self.config.gen, self._cancel):
                 now = time.perf_counter()
                 usage = piece.usage or usage
@@ -385,7 +395,7 @@ class ChatSession:
                     t_last = now
                     chunks += 1
                     parts.append(piece.text)
-                    yield TextDelta(piece.text, chunks, 0, now - t_first)
+                    yield TextDelta(piece.text, chunks, None, now - t_first)
             if self._cancel.is_set():
                 finish = "cancelled"
         except GeneratorExit:
@@ -394,6 +404,7 @@ class ChatSession:
             raise
         except BaseException:
             del self.messages[len(self.messages) - 1 :]  # back to before the turn
+            self.current_turn = before
             raise
         finally:
             self._cancel.clear()
@@ -454,6 +465,7 @@ class ChatSession:
         stats.ctx_used = len(self._ledger) if self.token_level else None
         stats.seq_lens = b.seq_lens()
         stats.kv_bytes = b.kv_bytes()
+        stats.kv_used_bytes = b.kv_used_bytes()
         stats.weights_bytes = b.weights_bytes()
         stats.rss_mb = round(rss_mb(), 1)
         stats.peak_rss_mb = round(peak_rss_mb(), 1)

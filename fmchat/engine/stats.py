@@ -24,14 +24,15 @@ class TurnStats:
     reused_tokens: int | None = 0  # of those, tokens already in the KV cache (not recomputed)
     prefilled_tokens: int | None = 0  # tokens run through the model before the first new token
     generated_tokens: int | None = 0  # tokens sampled for the reply
-    ttft_ms: float = 0.0  # turn start -> first reply token sampled
+    ttft_ms: float | None = None  # turn start -> first reply token sampled; None when no token came
     prefill_tok_s: float | None = None  # prefilled_tokens / prefill time
     decode_tok_s: float | None = None  # (generated_tokens - 1) / time from first to last token
     total_ms: float = 0.0  # whole turn, wall clock
     ctx_used: int | None = 0  # tokens in the KV cache at the end of the turn
     ctx_size: int | None = 0  # context window (tokens)
     seq_lens: list[int] | None = field(default_factory=list)  # KV-cache fill per batch row (tokens)
-    kv_bytes: int | None = None  # bytes held by the KV cache
+    kv_bytes: int | None = None  # bytes held by the KV cache (allocated)
+    kv_used_bytes: int | None = None  # of those, the bytes holding cached positions
     weights_bytes: int | None = None  # bytes held by model weights
     rss_mb: float = 0.0  # process resident set size (MiB)
     peak_rss_mb: float = 0.0  # peak resident set size of the process so far (MiB)

@@ -17,6 +17,7 @@ another state it is deferred (cancelling a reply first where that is the point) 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
@@ -29,8 +30,9 @@ from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, ProgressBar, Static
+from textual.widgets import Header, ProgressBar, Static
 
 from fmchat import models
 from fmchat import settings as settings_mod
@@ -42,13 +44,22 @@ from fmchat.text import neutralize, one_newline
 from .messages import Loaded, LoadFailed, LoadStep, RestoreDone, RestoreStep, SaveWarning, SessionOpened
 from .screens.help import HelpScreen
 from .screens.sessions import ConfirmScreen, RenameScreen, SessionDeleted, SessionsScreen
-from .screens.settings import SettingsScreen
+from .screens.settings import SettingsScreen, describe_changes
 from .state import IDLE, AppState, check_transition
 from .themes import load_themes
 from .widgets.chat import ChatInput, ChatView, Note, TurnBegan, TurnEnded, TurnFailed, TurnFinished, TurnText
+from .widgets.footer import AppFooter
 from .widgets.panel import InferencePanel
 
 PANEL_REFRESH_S = 0.2  # the panel updates 5 times a second while a reply is generated
+
+
+class DecodeChanged(Message):
+    """The background compile of ``backend``'s decode step changed phase or finished (posted from its thread)."""
+
+    def __init__(self, backend) -> None:
+        super().__init__()
+        self.backend = backend
 
 
 class FmchatApp(App):
@@ -102,6 +113,7 @@ class FmchatApp(App):
         self._deferred: list[Callable[[], None]] = []  # actions waiting for the app to be idle
         # Every load/convert/restore step shown, in order (for the curious and for tests).
         self.load_steps: list[str] = []
+        self._settings_change = ""  # what a settings change that reloads changed, said once the reload is done
         loaded = load_themes()
         for theme in loaded.themes:
             self.register_theme(theme)
@@ -181,7 +193,8 @@ class FmchatApp(App):
 
     @property
     def panel(self) -> InferencePanel:
-        return self.query_one(InferencePanel)
+        # on the main screen, also while a modal one (settings, keys, sessions) is on top of it
+        return self.screen_stack[0].query_one(InferencePanel)
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -194,7 +207,7 @@ class FmchatApp(App):
                     yield Static("", id="load-step", markup=False)
                 yield ChatInput(id="input", placeholder="Type a message · Enter sends · Ctrl+J newline · F1 keys")
             yield InferencePanel(id="panel", mask_volatile=self.mask_volatile)
-        yield Footer()
+        yield AppFooter()  # fitted to the width: the keys that matter show at 80 columns
 
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
@@ -203,6 +216,7 @@ class FmchatApp(App):
         for problem in self.theme_problems:
             self.note(problem, "error")
         self.panel.display = self.settings.show_panel
+        self.panel.fit_width(self.size.width)
         self.refresh_panel()
         self.set_interval(PANEL_REFRESH_S, self._tick)
         self.query_one(ChatInput).focus()
@@ -263,19 +277,18 @@ class FmchatApp(App):
         self.query_one("#load-step", Static).update(Text(neutralize(text)))
 
     def refresh_panel(self) -> None:
-        """The panel from the chat's stats record (between turns) and what is loaded; the setup only while a
-        worker holds the chat."""
-        conv = self.conversation
-        if conv is None:
-            self.panel.show(None, None, self.settings)
-            return
-        busy = self.state in (AppState.GENERATING, AppState.RESTORING)
-        self.panel.show(None if busy else conv.session.snapshot_stats(), conv.backend, conv.config)
+        """The panel, derived again from the chat on screen (the settings' model while none is loaded)."""
+        self.panel.show(self.conversation, self.settings, generating=self.generating)
 
     def _tick(self) -> None:
-        if self.generating:
-            self.panel.sample_memory()
-            self.panel.refresh_state()
+        # live while a turn or a restore runs (seq_lens, KV bytes, context, rate); idle, once a second (RSS, a
+        # decode path compiling in the background)
+        self.panel.tick(generating=self.generating, busy=self.state in (AppState.GENERATING, AppState.RESTORING))
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self.screen_stack:  # narrow: the panel is one line (F3 opens it)
+            for panel in self.screen_stack[0].query(InferencePanel):
+                panel.fit_width(event.size.width)
 
     # ------------------------------------------------------------------ loading
     def start_load(self, config: RunConfig, previous: RunConfig | None = None) -> None:
@@ -308,10 +321,16 @@ class FmchatApp(App):
         line = describe_load(msg.backend)
         if self.mask_volatile:
             line = re.sub(r"in [0-9.]+ s$", "in masked s", line)
+        if switched:  # a settings change: one line says what changed and what the reload cost
+            report = msg.backend.load_report
+            secs = "masked" if self.mask_volatile else f"{report.seconds:.2f}"
+            how = "converted and reloaded" if report.converted else "reloaded"
+            carry = "; the conversation carries on" if self.session.messages else ""
+            change, self._settings_change = self._settings_change or "the model", ""
+            line = f"settings: {change} ({how} in {secs} s{carry})"
         self.note(line)
-        if switched and self.session.messages:
-            self.note("the conversation carries on: the next turn rebuilds the KV cache from the transcript")
         self.save_settings()
+        self._watch_decode(msg.backend)
         if not switched and self._resume_id is not None:
             sid, self._resume_id = self._resume_id, None
             if self._start_restore(sid):
@@ -319,6 +338,24 @@ class FmchatApp(App):
                 return
         self._enter(AppState.READY)
         self.refresh_panel()
+
+    def _watch_decode(self, backend) -> None:
+        """Redraw the panel when ``backend``'s background compile (``--compile auto``) changes phase or finishes.
+        The callback runs on the compile thread: it posts a message and returns (``post_message`` is thread-safe
+        and does not wait, unlike ``call_from_thread``, so a closing app never holds up the compile or its save)."""
+        watch = getattr(backend, "watch_decode", None)
+        if not callable(watch):
+            return
+
+        def changed() -> None:
+            with contextlib.suppress(RuntimeError):  # the app has closed, its event loop with it
+                self.post_message(DecodeChanged(backend))  # dropped by a closing app
+
+        watch(changed)
+
+    def on_decode_changed(self, msg: DecodeChanged) -> None:
+        if self.conversation is not None and self.conversation.backend is msg.backend:  # not a backend reloaded away
+            self.refresh_panel()
 
     def on_load_failed(self, msg: LoadFailed) -> None:
         if self.conversation is not None:
@@ -367,9 +404,7 @@ class FmchatApp(App):
     def on_turn_finished(self, msg: TurnFinished) -> None:
         stats = msg.event.stats
         conv = self.conversation
-        self.panel.turn_finished(stats, conv.backend, conv.config)
-        if stats.memory_note:
-            self.note(f"memory policy '{conv.config.memory}': {stats.memory_note}")
+        self.panel.turn_finished(stats, conv.backend, conv.config)  # the chat view shows the memory note
 
     def on_turn_failed(self, msg: TurnFailed) -> None:
         if msg.before_start:
@@ -410,7 +445,6 @@ class FmchatApp(App):
         if self.conversation is not None:
             self.conversation.new_chat()  # the next message starts a new saved session
         self.chat.clear()
-        self.panel.clear_turn()
         self.note("new chat")
         self.refresh_panel()
 
@@ -439,6 +473,9 @@ class FmchatApp(App):
 
     def action_toggle_panel(self) -> None:
         panel = self.panel
+        if panel.narrow and panel.display:
+            panel.toggle_compact()  # a narrow terminal: one line <-> the whole panel (not saved)
+            return
         panel.display = not panel.display
         self.settings.show_panel = bool(panel.display)
         self.save_settings()
@@ -475,6 +512,7 @@ class FmchatApp(App):
             self._defer(lambda: self.apply_settings(new), "apply the settings")
             return
         old, self.settings = self.settings, new
+        change = describe_changes(old, new)  # one line in the transcript per change: "settings: quant none → int8"
         if new.theme in self.available_themes and new.theme != self.theme:
             self.theme = new.theme
         conv = self.conversation
@@ -482,7 +520,7 @@ class FmchatApp(App):
             self.note("loading the model with the new settings…")
             self.start_load(new)
         elif new.load_key() != conv.config.load_key():
-            self.note("reloading the model for the new settings…")
+            self._settings_change = change  # the line is written when the reload is done (on_loaded)
             self.start_load(new, previous=old)
         else:
             try:
@@ -492,7 +530,8 @@ class FmchatApp(App):
                 self.note(f"settings not applied: {exc}", "error")
                 return
             self.save_settings()
-            self.note("settings applied")
+            if change:
+                self.note(f"settings: {change}")
         self.refresh_panel()
 
     # ------------------------------------------------------------------ saved sessions
@@ -598,12 +637,14 @@ class FmchatApp(App):
         # The settings pane shows (and Apply keeps) the system prompt this chat was saved with.
         self.settings = replace(self.settings, system=self.conversation.config.system)
         model = self.conversation.backend.model_name
-        await self.chat.show_transcript(self.session.messages, opened.recorded_model or model)
+        await self.chat.show_transcript(self.session.messages, opened.recorded_model or model,
+                                        window_start=self.session.window_start)  # fmt: skip
         self.note(
             f"session “{opened.title or opened.session_id}” ({opened.messages} messages, saved as {opened.session_id})"
         )
         if opened.recorded_model and opened.recorded_model != model:
             self.note(f"this chat was recorded with {opened.recorded_model}; it carries on with {model}")
+        self.refresh_panel()  # this chat's figures only: its history, no other chat's turn
 
     def on_restore_step(self, msg: RestoreStep) -> None:
         self._step(f"restoring the session: prefilled {msg.done}/{msg.total} tokens", msg.done, max(msg.total, 1))

@@ -1,5 +1,7 @@
 """F4: saved sessions. A list (newest first) with title, model, date and message count; search as you
-type; Enter opens, R renames, D deletes (after a confirmation), N starts a new chat, Esc closes.
+type; Enter opens, R renames, D deletes (after a confirmation), N starts a new chat, Esc closes. In a narrow
+terminal the model column goes and the date is shorter, so that title, date and count always fit; a title
+too long for its column ends with "…".
 
 The screen dismisses with ("open", id), ("new", None), or None; renames and deletions happen here.
 """
@@ -44,8 +46,22 @@ class SessionDeleted(Message):
         self.session_id = session_id
 
 
-def _when(t: float) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+def _when(t: float, short: bool = False) -> str:
+    return datetime.fromtimestamp(t).strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M")
+
+
+WIDE = 90  # inner width of the dialog from which the list has every column
+CELL_PAD = 2  # DataTable: one cell of padding either side of each column
+MODEL_WIDTH = 24  # at most, in the wide list
+
+
+def list_columns(inner: int) -> list[tuple[str, str, int | None]]:
+    """(key, header, width) of the list's columns for a dialog ``inner`` cells wide; the title's width (None
+    here) is what the others leave."""
+    if inner >= WIDE:
+        return [("title", "Title", None), ("model", "Model", MODEL_WIDTH), ("updated", "Updated", 16),
+                ("messages", "Messages", 8)]  # fmt: skip
+    return [("title", "Title", None), ("updated", "Updated", 11), ("messages", "Msgs", 4)]
 
 
 class SessionTable(DataTable):
@@ -132,6 +148,7 @@ class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
         self.current_id = current_id
         self.start_in_search = search
         self.rows: list = []  # SessionInfo shown, in order
+        self.columns: list[tuple[str, str, int]] = []  # (key, header, width) of the list's columns now
 
     def compose(self) -> ComposeResult:
         with Vertical(id="sessions-dialog", classes="sessions-dialog") as box:
@@ -142,10 +159,23 @@ class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
             yield Static("", id="sessions-status", markup=False)
 
     def on_mount(self) -> None:
-        table = self.query_one(SessionTable)
-        table.add_columns("Title", "Model", "Updated", "Messages")
         self.reload()
-        (self.query_one(Input) if self.start_in_search or not self.rows else table).focus()
+        (self.query_one(Input) if self.start_in_search or not self.rows else self.query_one(SessionTable)).focus()
+
+    def on_resize(self, event) -> None:
+        if self.is_mounted and self._columns_for() != self.columns:
+            self.reload(keep=getattr(self.selected(), "id", None))
+
+    def _inner_width(self) -> int:
+        """The list's width: the dialog (at most 100 cells, 95% of the screen) less its border, padding and
+        the table's scroll bar."""
+        return min(100, self.app.size.width * 95 // 100) - 2 - 4 - 2
+
+    def _columns_for(self) -> list[tuple[str, str, int]]:
+        inner = self._inner_width()
+        cols = list_columns(inner)
+        fixed = sum(w + CELL_PAD for _, _, w in cols if w is not None)
+        return [(k, h, w if w is not None else max(8, inner - fixed - CELL_PAD)) for k, h, w in cols]
 
     # ------------------------------------------------------------------ data
     @property
@@ -161,12 +191,27 @@ class SessionsScreen(ModalScreen["tuple[str, str | None] | None"]):
             status.update("sessions are not being saved (the store could not be opened)")
             return
         self.rows = self.store.list_sessions(self.search_text)
+        cols = self._columns_for()
+        if cols != self.columns:
+            table.clear(columns=True)
+            for key, header, width in cols:
+                table.add_column(header, width=width, key=key)
+            self.columns = cols
         table.clear()
+        widths = {key: width for key, _, width in cols}
+        short = "model" not in widths
         for r in self.rows:
             title = neutralize(r.title) or "(empty)"
             if r.id == self.current_id:
                 title = "● " + title
-            table.add_row(Text(title), Text(neutralize(r.model)), _when(r.updated), str(r.message_count), key=r.id)
+            cells = {"title": title, "model": neutralize(r.model), "updated": _when(r.updated, short),
+                     "messages": str(r.message_count)}  # fmt: skip
+            row = []
+            for key, _, width in cols:
+                cell = Text(cells[key], no_wrap=True)
+                cell.truncate(width, overflow="ellipsis")
+                row.append(cell if key in ("title", "model") else cell.plain)
+            table.add_row(*row, key=r.id)
         n = len(self.rows)
         what = f"{n} session{'s' if n != 1 else ''}"
         status.update(what + (f" matching '{self.search_text}'" if self.search_text.strip() else ""))

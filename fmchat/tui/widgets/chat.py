@@ -28,7 +28,9 @@ from textual.widgets.text_area import Document, DocumentNavigator, EditResult, L
 
 from fmchat.engine import ContextOverflow, TextDelta, TurnDone, TurnStarted, TurnStats
 from fmchat.errors import FmchatError, describe
-from fmchat.text import neutralize, one_newline, pictures
+from fmchat.text import count, neutralize, one_newline, pictures
+
+from .footer import TYPING_KEYS
 
 # Keys the app binds that TextArea binds too (redo, cursor page up/down): in the message box they are the app's.
 APP_KEYS = ("ctrl+y", "pageup", "pagedown")
@@ -45,9 +47,8 @@ def fmt_rate(v: float | None) -> str:
 
 def reply_footer(stats: TurnStats) -> str:
     ttft = f"{stats.ttft_ms:.0f} ms" if stats.ttft_ms else "n/a"
-    tokens = "n/a" if stats.generated_tokens is None else stats.generated_tokens
     parts = [
-        f"{tokens} tokens",
+        count(stats.generated_tokens, "token"),
         f"TTFT {ttft}",
         f"decode {fmt_rate(stats.decode_tok_s)}",
     ]
@@ -60,13 +61,17 @@ def reply_footer(stats: TurnStats) -> str:
     return " · ".join(parts)
 
 
-class UserMessage(Static):
-    """What the user sent."""
+OUT_OF_WINDOW = "outside the model's window"  # the marker on turns the memory policy dropped
 
-    def __init__(self, text: str) -> None:
+
+class UserMessage(Static):
+    """What the user sent. ``index``: its place in the session's messages."""
+
+    def __init__(self, text: str, index: int | None = None) -> None:
         super().__init__(plain(text), markup=False, classes="message user")
         self.border_title = "you"
         self.text = text
+        self.index = index
 
 
 class Note(Static):
@@ -77,12 +82,14 @@ class Note(Static):
 
 
 class AssistantMessage(Vertical):
-    """A reply: Markdown streamed append-only, then a one-line footer with the turn's numbers."""
+    """A reply: Markdown streamed append-only, then a one-line footer with the turn's numbers. ``index``: its
+    place in the session's messages."""
 
-    def __init__(self, model_name: str = "assistant") -> None:
+    def __init__(self, model_name: str = "assistant", index: int | None = None) -> None:
         super().__init__(classes="message assistant")
         self.border_title = Content(neutralize(model_name))  # Content: literal, never markup
         self.text = ""
+        self.index = index
         self.markdown = Markdown("", classes="reply")
         self.footer = Static("", markup=False, classes="reply-footer")
         self._stream = None
@@ -182,6 +189,16 @@ class ChatInput(TextArea):
     def __init__(self, **kwargs) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # A narrow terminal's footer has no room for Send / Newline: the placeholder says them. The keys
+        # themselves are handled in _on_key either way.
+        if action in ("send", "newline") and self.app.size.width < TYPING_KEYS:
+            return False
+        return super().check_action(action, parameters)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.refresh_bindings()
+
     def _set_document(self, text: str, language: str | None) -> None:
         # TextArea (Textual 8.2) builds its plain Document here, on creation and on every ``text = ...``.
         super()._set_document(text, language)
@@ -221,9 +238,11 @@ class TurnMessage(Message):
 
 @dataclass
 class TurnBegan(TurnMessage):
-    """The prompt is matched against the KV cache; prefill starts (the user message is saved)."""
+    """The prompt is matched against the KV cache; prefill starts (the user message is saved).
+    ``window_start``: the first message still in the model's window (the memory policy has run)."""
 
     event: TurnStarted
+    window_start: int = 0
 
 
 @dataclass
@@ -258,12 +277,19 @@ class TurnEnded(TurnMessage):
 
 
 class ChatView(VerticalScroll):
-    """The conversation: user messages, replies streamed as Markdown, notes. Runs one turn at a time."""
+    """The conversation: user messages, replies streamed as Markdown, notes. Runs one turn at a time.
+
+    Messages that have left the model's window (the memory policy dropped them; they are in neither the
+    prompt nor the KV cache) are dimmed and marked; the policy's note sits right before the reply it made
+    room for."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.current: AssistantMessage | None = None  # the reply being streamed
         self.current_user: UserMessage | None = None
+        self._memory_policy = ""  # the memory policy of the turn under way
+        self._window_before = 0  # the window's first message before the turn under way
+        self._memory_note: Note | None = None  # the turn's note on what its memory policy did
         self._sent_at = 0.0
         self._first_text = True
         self._drawing = threading.Event()  # a TurnText is posted and not drawn yet
@@ -282,14 +308,15 @@ class ChatView(VerticalScroll):
         self.current = self.current_user = None
         return self.remove_children()
 
-    async def show_transcript(self, messages, model_name: str) -> None:
-        """Draw a saved conversation (``ChatSession.messages``); replies carry their recorded footer."""
+    async def show_transcript(self, messages, model_name: str, window_start: int = 0) -> None:
+        """Draw a saved conversation (``ChatSession.messages``); replies carry their recorded footer. Messages
+        before ``window_start`` are marked as outside the model's window."""
         await self.clear()
-        for m in messages:
+        for i, m in enumerate(messages):
             if m.role == "user":
-                await self.mount(UserMessage(m.content))
+                await self.mount(UserMessage(m.content, i))
             elif m.role == "assistant":
-                w = AssistantMessage(model_name)
+                w = AssistantMessage(model_name, i)
                 await self.mount(w)
                 w.text = neutralize(m.content)
                 if w.text:
@@ -297,7 +324,15 @@ class ChatView(VerticalScroll):
                 await w.finish(m.stats, note=None if m.stats else "restored")
             else:
                 self.note(f"system: {m.content}")
+        self.mark_window(window_start)
         self.anchor()
+
+    def mark_window(self, window_start: int) -> None:
+        """Dim and mark the messages before ``window_start`` (out of the model's window); undim the others."""
+        for w in self.query_children(".message"):
+            out = w.index is not None and w.index < window_start
+            w.set_class(out, "out-of-window")
+            w.border_subtitle = OUT_OF_WINDOW if out else ""
 
     def drop_last_exchange(self) -> None:
         """Remove the last user message and everything after it (retry)."""
@@ -309,8 +344,12 @@ class ChatView(VerticalScroll):
     # ------------------------------------------------------------------ a turn
     def start_turn(self, conversation, text: str) -> None:
         """Show the exchange and run it in a thread worker (the caller knows no other turn runs)."""
-        self.current_user = UserMessage(text)
-        self.current = AssistantMessage(conversation.backend.model_name)
+        n = len(conversation.session.messages)  # where the turn's messages go in the session
+        self.current_user = UserMessage(text, n)
+        self.current = AssistantMessage(conversation.backend.model_name, n + 1)
+        self._memory_policy = conversation.config.memory
+        self._window_before = conversation.session.window_start
+        self._memory_note = None
         self.mount(self.current_user)
         self.mount(self.current)
         self.anchor()
@@ -340,8 +379,8 @@ class ChatView(VerticalScroll):
         try:
             for ev in conversation.turn(text):
                 started = True
-                if isinstance(ev, TurnStarted):
-                    self.post_message(TurnBegan(ev))
+                if isinstance(ev, TurnStarted):  # the memory policy has run: the window is the turn's
+                    self.post_message(TurnBegan(ev, conversation.session.window_start))
                 elif isinstance(ev, TextDelta):
                     pending.append(ev)
                     if not self._drawing.is_set():  # one piece in flight at a time: a fast model never floods the UI
@@ -366,9 +405,24 @@ class ChatView(VerticalScroll):
         finally:
             self._drawing.clear()
 
+    async def on_turn_began(self, msg: TurnBegan) -> None:
+        self.mark_window(msg.window_start)
+        if msg.window_start > self._window_before and self.current is not None:
+            # Turns left the window to make room for this reply: say so before it, now (the turn's record
+            # says exactly what, when the reply is done).
+            self._memory_note = Note(f"memory policy '{self._memory_policy}': earlier turns left the window")
+            await self.mount(self._memory_note, before=self.current)
+
     async def on_turn_finished(self, msg: TurnFinished) -> None:
+        stats = msg.event.stats
         if self.current is not None:
-            await self.current.finish(msg.event.stats)
+            if stats.memory_note:  # what the policy did to make room for this reply, right before it
+                text = f"memory policy '{self._memory_policy}': {stats.memory_note}"
+                if self._memory_note is not None:
+                    self._memory_note.update(plain(text))
+                else:
+                    await self.mount(Note(text), before=self.current)
+            await self.current.finish(stats)
 
     async def on_turn_failed(self, msg: TurnFailed) -> None:
         if msg.before_start:
