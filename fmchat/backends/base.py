@@ -166,6 +166,24 @@ class KVSnapshot(ABC):
         ValueError when they do not fit this cache; the caller then empties it."""
 
 
+class BackgroundDecode(ABC):
+    """A decode path prepared after the load, in the background (the transformers backend's compiled step under
+    ``--compile auto``): callers ask where it stands, are told when it changes, or wait for it."""
+
+    @abstractmethod
+    def decode_status(self) -> dict:
+        """``state`` ("eager", "compiling", "ready", "compiled", "failed", "unavailable"), ``phase``, ``elapsed_s``,
+        ``fraction``, ``cached_entry`` (a saved step exists for this key), ``detail``..."""
+
+    @abstractmethod
+    def watch_decode(self, fn) -> None:
+        """Call ``fn()`` (on another thread) whenever the preparation changes phase or finishes."""
+
+    @abstractmethod
+    def wait_decode_step(self, timeout: float | None = None, progress: ProgressFn | None = None) -> bool:
+        """Block until the preparation has finished; True when the prepared path is ready."""
+
+
 class AllLogits(ABC):
     @abstractmethod
     def forward_all(self, ids: Sequence[int]):

@@ -8,6 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from fmchat.backends.base import BackgroundDecode
+
 from . import report
 
 
@@ -20,10 +22,10 @@ def bench_backends(sessions: dict, user_turns: list[str], json_out: bool = False
     run = report.begin("bench backends")
     per_backend = {}
     for label, session in sessions.items():
-        wait = getattr(session.backend, "wait_decode_step", None)
-        if wait is not None and session.backend.decode_status().get("state") == "compiling":
+        b = session.backend
+        if isinstance(b, BackgroundDecode) and b.decode_status()["state"] == "compiling":
             log(f"[bench] {label}: waiting for the compiled decode step (the default path, auto)")
-            wait(progress=lambda s, f=None, lb=label: log(f"[bench] {lb}: {s}"))
+            b.wait_decode_step(progress=lambda s, f=None, lb=label: log(f"[bench] {lb}: {s}"))
         session.reset()
         session.run_turn("Hi.")  # warm-up, not measured
         session.reset()

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from fmchat import __version__
+from fmchat.backends.base import BackgroundDecode
 from fmchat.config import RunConfig
 from fmchat.errors import FmchatError, UserError
 from fmchat.text import count
@@ -141,7 +142,7 @@ def run(
                    f"{r.prefilled} prefilled", err=True)  # fmt: skip
     announced = conv.session_id
     backend = conv.backend
-    decode = getattr(backend, "decode_status", None)  # the default decode path (auto): docs/decode.md
+    decode = backend.decode_status if isinstance(backend, BackgroundDecode) else None  # auto: docs/decode.md
     if decode is not None and decode()["state"] == "compiling" and decode()["cached_entry"]:
         backend.wait_decode_step(progress=progress_printer())  # loading the cached step beats an eager reply
 

@@ -36,6 +36,7 @@ from textual.widgets import Header, ProgressBar, Static
 
 from fmchat import models
 from fmchat import settings as settings_mod
+from fmchat.backends.base import BackgroundDecode
 from fmchat.config import RunConfig
 from fmchat.conversation import Conversation, describe_load, load_backend
 from fmchat.errors import FmchatError, describe
@@ -343,15 +344,14 @@ class FmchatApp(App):
         """Redraw the panel when ``backend``'s background compile (``--compile auto``) changes phase or finishes.
         The callback runs on the compile thread: it posts a message and returns (``post_message`` is thread-safe
         and does not wait, unlike ``call_from_thread``, so a closing app never holds up the compile or its save)."""
-        watch = getattr(backend, "watch_decode", None)
-        if not callable(watch):
+        if not isinstance(backend, BackgroundDecode):
             return
 
         def changed() -> None:
             with contextlib.suppress(RuntimeError):  # the app has closed, its event loop with it
                 self.post_message(DecodeChanged(backend))  # dropped by a closing app
 
-        watch(changed)
+        backend.watch_decode(changed)
 
     def on_decode_changed(self, msg: DecodeChanged) -> None:
         if self.conversation is not None and self.conversation.backend is msg.backend:  # not a backend reloaded away

@@ -20,7 +20,7 @@ import torch
 from fmchat import models, paths, registry, templates
 from fmchat.errors import UserError
 
-from ..base import AllLogits, KVShift, KVSnapshot, LoadReport, ProgressFn, TokenBackend, no_progress
+from ..base import AllLogits, BackgroundDecode, KVShift, KVSnapshot, LoadReport, ProgressFn, TokenBackend, no_progress
 from .compat import CACHE_ARG
 from .gguf import CONVERTED_MARKER, convert_gguf, converted_dir, quiet_transformers
 
@@ -70,7 +70,7 @@ def full_length_layers(cache):
     return cache
 
 
-class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits):
+class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, BackgroundDecode):
     name = "transformers"
 
     def __init__(self, source: models.ModelSource, options: RunConfig, progress: ProgressFn = no_progress):

@@ -33,6 +33,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Sparkline, Static
 
+from fmchat.backends.base import BackgroundDecode
 from fmchat.engine.stats import fmt_bytes, peak_rss_mb, rss_mb
 from fmchat.text import count, neutralize
 
@@ -103,7 +104,7 @@ class Running:
             return cls(config.model or models.DEFAULT_MODEL, config.backend, NA, NA, NA, NA, chosen, config.memory,
                        config.kv_cache, NA, chosen)  # fmt: skip
         path = backend.decode_path
-        status = backend.decode_status() if callable(getattr(backend, "decode_status", None)) else None
+        status = backend.decode_status() if isinstance(backend, BackgroundDecode) else None
         detail = path if status is None else str(status.get("detail") or path)
         return cls(backend.model_name, backend.name, backend.device, backend.dtype, backend.quant or "none",
                    backend.kernel or "—", decode_text(status, path), config.memory, config.kv_cache,
