@@ -120,8 +120,11 @@ def build_model(path: Path) -> Path:
 
 def probe(cases: list[tuple[str, str, str]]) -> list[dict]:
     """(model dir, --quant, --dtype) -> what each load reported."""
+    # FMCHAT_KERNEL_SELECT=off: the bound is the weight loader's. The first load of a size class on a machine also
+    # times the weight kernels on buffers of their own (once; cached after: kernels/quant/select.py, docs/loading.md)
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], capture_output=True, text=True,
-                         env={**os.environ, "TQDM_DISABLE": "1"}, timeout=300, check=False)  # fmt: skip
+                         env={**os.environ, "TQDM_DISABLE": "1", "FMCHAT_KERNEL_SELECT": "off"}, timeout=300,
+                         check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert not out.stderr.strip(), out.stderr[-3000:]  # no warnings either
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -284,6 +284,8 @@ class FmchatApp(App):
     def _tick(self) -> None:
         # live while a turn or a restore runs (seq_lens, KV bytes, context, rate); idle, once a second (RSS, a
         # decode path compiling in the background)
+        if not self.screen_stack or not self.screen_stack[0].query(InferencePanel):
+            return  # a tick after the app began to close (its screens going) or before the main screen is composed
         self.panel.tick(generating=self.generating, busy=self.state in (AppState.GENERATING, AppState.RESTORING))
 
     def on_resize(self, event: events.Resize) -> None:
