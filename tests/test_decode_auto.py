@@ -66,7 +66,7 @@ def test_auto_chats_eagerly_during_the_background_compile_then_switches(tiny_mod
     assert build is not None and b._step is None and b.kernel == "fmc"
     # The chat goes first: the build waits while replies run (tracing holds the GIL, compiling takes the cores).
     first = [_reply(s, t) for t in TURNS]
-    assert build.started is None and b.decode_status()["phase"] == "waiting for the reply to finish", build.phase
+    assert build.started is None and b.decode_status()["phase"] == "waiting for the chat to be idle", build.phase
     if dtype == "float32":
         assert first == eager
     deadline = time.monotonic() + 60

@@ -142,9 +142,10 @@ def run(
                    f"{r.prefilled} prefilled", err=True)  # fmt: skip
     announced = conv.session_id
     backend = conv.backend
-    decode = backend.decode_status if isinstance(backend, BackgroundDecode) else None  # auto: docs/decode.md
-    if decode is not None and decode()["state"] == "compiling" and decode()["cached_entry"]:
-        backend.wait_decode_step(progress=progress_printer())  # loading the cached step beats an eager reply
+    # auto (docs/decode.md): the replies start at once, eagerly. Loading even a saved compiled step takes longer
+    # than a short eager reply (measured 35-40 s to the first token against ~2 s), so run never waits for one before
+    # its replies; without a saved step it compiles one after them, for the app and later runs.
+    decode = backend.decode_status if isinstance(backend, BackgroundDecode) else None
 
     for i, text in enumerate(turns, 1):
         try:
@@ -164,7 +165,7 @@ def run(
                         typer.echo(stats_line(ev.stats), err=True)
         except FmchatError as exc:  # the same error, saying which turn
             raise type(exc)(f"turn {i}: {exc}") from None
-    if decode is not None and decode()["state"] == "compiling":
+    if decode is not None and decode()["state"] == "compiling" and not decode()["cached_entry"]:
         typer.echo("[fmchat] compiling the decode step for the next launch (once per machine, model and options; "
                    "Ctrl+C skips it)", err=True)  # fmt: skip
         try:

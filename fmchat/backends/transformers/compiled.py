@@ -283,7 +283,7 @@ class StepBuild:
 
     def _run_when_idle(self) -> None:
         if self.idle is not None and not self.idle():
-            self._say("waiting for the reply to finish")
+            self._say("waiting for the chat to be idle")
             while not self.idle() and not self.cancelled:
                 time.sleep(0.2)
         self.run()
