@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from typing import ClassVar
 
 from rich.text import Text
@@ -37,11 +38,12 @@ from textual.widgets import Header, ProgressBar, Static
 from fmchat import models
 from fmchat import settings as settings_mod
 from fmchat.backends.base import BackgroundDecode
-from fmchat.config import RunConfig
+from fmchat.config import RunConfig, field_info
 from fmchat.conversation import Conversation, describe_load, load_backend
 from fmchat.errors import FmchatError, describe
 from fmchat.text import neutralize, one_newline
 
+from .commands import PALETTE_FIELDS, choice_commands, choice_problem, current_choice
 from .messages import Loaded, LoadFailed, LoadStep, RestoreDone, RestoreStep, SaveWarning, SessionOpened
 from .screens.help import HelpScreen
 from .screens.sessions import ConfirmScreen, RenameScreen, SessionDeleted, SessionsScreen
@@ -536,6 +538,18 @@ class FmchatApp(App):
                 self.note(f"settings: {change}")
         self.refresh_panel()
 
+    def choose_setting(self, name: str, value: str) -> None:
+        """One choice from the command palette (e.g. the decode path): refused with the reason where it cannot be
+        used now (as the settings pane disables it), else applied as the pane's Apply is (``apply_settings``)."""
+        label = field_info(name).metadata["label"].lower()
+        if problem := choice_problem(self.settings, name, value):
+            self.notify(problem, title="not applied", severity="warning")
+            return
+        if current_choice(self.settings, name) == value:
+            self.notify(f"{label} is already {value}")
+            return
+        self.apply_settings(replace(self.settings, **{name: value}))
+
     # ------------------------------------------------------------------ saved sessions
     def action_sessions(self, search: bool = False) -> None:
         if not isinstance(self.screen, SessionsScreen):
@@ -683,4 +697,7 @@ class FmchatApp(App):
         yield SystemCommand("Retry last turn", "Drop the last exchange and send its message again", self.action_retry)
         yield SystemCommand("Copy last reply", "Copy the last reply to the clipboard", self.action_copy_reply)
         yield SystemCommand("Keys", "Every key binding (F1)", self.action_help)
+        for name in PALETTE_FIELDS:  # "Decode path: eager", one per choice (shown when searched: type "decode")
+            for cmd in choice_commands(self.settings, name):
+                yield SystemCommand(cmd.title, cmd.help, partial(self.choose_setting, name, cmd.value), discover=False)
         yield from (c for c in super().get_system_commands(screen) if c.title in ("Theme", "Quit", "Screenshot"))

@@ -7,8 +7,9 @@ switch for a bool, an input for a str, int or float (the field's ``help`` as hin
 
 A choice that cannot be used now is disabled and says why: because of this machine (the registry's
 availability check: "needs llama-cpp-python", "no CUDA device") or because of the rest of the form (what
-``RunConfig.validate`` would refuse with that choice and not without it: ``openai`` with no server URL). The
-second kind follows the form as it is edited.
+``RunConfig.validate`` would refuse with that choice and not without it: ``openai`` with no server URL; a setting
+the form's backend does not have: llama.cpp has no decode path choice). The second kind follows the form as it
+is edited. ``choice_reason`` is that rule; the command palette's decode path entries ask it too.
 
 Compact, so that the pane is usable in an 80x24 terminal: one line per input or switch, a radio set's choices
 flowed into as many columns as fit; below 100 columns the hints leave the rows, and the focused field's help
@@ -30,7 +31,9 @@ from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static, Switch
 
-from fmchat.config import RunConfig, choices, default_of
+from fmchat import registry
+from fmchat.config import RunConfig, choices, default_of, field_info
+from fmchat.errors import UnknownChoice
 from fmchat.text import neutralize
 
 SCOPES = ("chat", "app")
@@ -100,6 +103,41 @@ def form_reason(config: RunConfig, name: str, value: str) -> str:
     return re.sub(rf"^the {re.escape(value)} [\w ]*?(?=needs |must |cannot )", "", first)
 
 
+# A setting only some backends have: the backend capability (``registry.BACKENDS``) it needs. llama.cpp and an
+# OpenAI-compatible server decode their own way: they have no decode path choice.
+BACKEND_CAPABILITY = {"compile": "compiled-step"}
+
+
+def backend_reason(config: RunConfig, name: str) -> str:
+    """Why field ``name`` means nothing on ``config``'s backend ('' when it does): "llamacpp has no decode path
+    choice"."""
+    cap = BACKEND_CAPABILITY.get(name)
+    if cap is None:
+        return ""
+    try:
+        entry = registry.BACKENDS.entry(config.backend)
+    except UnknownChoice:  # an unknown backend: RunConfig.validate says so
+        return ""
+    if cap in entry.capabilities:
+        return ""
+    return f"{config.backend} has no {field_info(name).metadata['choices'].title} choice"
+
+
+def choice_reason(config: RunConfig, name: str, choice) -> str:
+    """Why ``choice`` (a ``registry.Choice``) of field ``name`` cannot be used with ``config`` now ('' when it can):
+    this machine (the registry's check), the backend (one without the setting) or the rest of the config
+    (``form_reason``). The settings pane and the command palette both ask this."""
+    return choice.reason or backend_reason(config, name) or form_reason(config, name, choice.value)
+
+
+def offered(name: str) -> tuple[list, dict[str, str]]:
+    """A registry field's choices as offered, and each old name -> the choice it names. Old names kept so that old
+    settings files load (capability "alias", "alias-of:<name>") are not offered twice."""
+    every = choices(name)
+    alias_of = {c.value: cap.split(":", 1)[1] for c in every for cap in c.capabilities if cap.startswith("alias-of:")}
+    return [c for c in every if "alias" not in c.capabilities], alias_of
+
+
 BUTTON_CHROME = 5  # a radio button's width besides its label: "▐●▌" and a space either side of the label
 COLUMN_GAP = 2
 
@@ -126,13 +164,9 @@ class ChoiceSet(RadioSet):
     def __init__(self, name: str, current: str, **kwargs) -> None:
         self.kind = name
         self.current = current
-        every = choices(name)
-        # Old names kept so that old settings files load (capability "alias", "alias-of:<name>") are not offered
-        # twice: a current value that is one shows as the choice it names, and stays as it is unless changed.
-        self.alias_of = {
-            c.value: cap.split(":", 1)[1] for c in every for cap in c.capabilities if cap.startswith("alias-of:")
-        }
-        self.choices = [c for c in every if "alias" not in c.capabilities]
+        # An old name (``offered``) as the current value shows as the choice it names, and stays as it is unless
+        # changed.
+        self.choices, self.alias_of = offered(name)
         current = self.alias_of.get(current, current)
         self.reasons = [c.reason for c in self.choices]  # why each choice cannot be used now ('' when it can)
         buttons = [
@@ -159,11 +193,11 @@ class ChoiceSet(RadioSet):
         return list(self.query_children(RadioButton))
 
     def follow_form(self, config: RunConfig) -> None:
-        """Disable (with the reason) the choices the rest of the form rules out; enable the others that this
-        machine allows."""
+        """Disable (with the reason) the choices the rest of the form rules out (its backend included); enable the
+        others that this machine allows."""
         changed = False
         for i, (c, button) in enumerate(zip(self.choices, self.buttons)):
-            reason = c.reason or form_reason(config, self.kind, c.value)
+            reason = choice_reason(config, self.kind, c)
             if reason != self.reasons[i]:
                 self.reasons[i] = reason
                 button.label = self._choice_label(c, reason)

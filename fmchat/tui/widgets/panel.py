@@ -457,14 +457,16 @@ class InferencePanel(VerticalScroll):
         return rows
 
     def summary(self) -> str:
-        """The one-line form (fits 80 columns): context, KV bytes, decode rate, TTFT, RSS."""
+        """The one-line form (fits 80 columns): context, KV bytes, decode rate, TTFT, RSS. The rate has no label, so
+        it keeps its unit when unknown: "n/a tok/s" (or "n/a chunks/s"), never a bare "n/a"."""
         s = self.state
         used = NA if s.ctx_used is None else str(s.ctx_used)
         size = NA if s.ctx_size is None else str(s.ctx_size)
         pct = f" ({100 * s.ctx_used / s.ctx_size:.1f}%)" if s.ctx_used is not None and s.ctx_size else ""
         rss = "masked MiB" if self.mask_volatile and s.rss_mb is not None else _mib(s.rss_mb)
         live = " live" if s.generating and s.live_tok_s is not None else ""
-        return (f"ctx {used}/{size}{pct} · KV {fmt_bytes(s.kv_used_bytes if s.kv_used_bytes is not None else s.kv_bytes)} · {_rate(s.live_tok_s, s.rate_unit)}{live}"
+        rate = f"{NA} {s.rate_unit}" if s.live_tok_s is None else _rate(s.live_tok_s, s.rate_unit)
+        return (f"ctx {used}/{size}{pct} · KV {fmt_bytes(s.kv_used_bytes if s.kv_used_bytes is not None else s.kv_bytes)} · {rate}{live}"
                 f" · TTFT {_ms(s.ttft_ms)} · RSS {rss}")  # fmt: skip
 
     def refresh_state(self) -> None:
