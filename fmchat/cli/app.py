@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import typer
@@ -40,12 +41,58 @@ app.add_typer(sessions_app, name="sessions")
 def progress_printer(quiet: bool = False):
     """Load progress as ``[fmchat] step`` lines on stderr."""
 
+    import time
+
+    last = {"label": None, "fraction": 0.0, "at": 0.0}
+
     def progress(step: str, fraction: float | None = None) -> None:
-        if not quiet:
-            typer.echo(f"[fmchat] {step}", err=True)
+        if quiet:
+            return
+        # A step that counts (``loading weights: 12/272 tensors``) is printed at 10% intervals (or every 2 s), not
+        # once per tensor; its first and last line always.
+        label = step.split(":")[0]
+        now = time.monotonic()
+        counting = fraction is not None and label == last["label"] and fraction < 1.0
+        if counting and fraction - last["fraction"] < 0.1 and now - last["at"] < 2.0:
+            return
+        last.update(label=label, fraction=fraction or 0.0, at=now)
+        typer.echo(f"[fmchat] {step}", err=True)
 
     return progress
 
 
 def warn(message: str) -> None:
     typer.echo(f"fmchat: warning: {message}", err=True)
+
+
+# Set by ``fmchat.cli.main`` (the console script): this process is fmchat's own, so the objects its launch creates may
+# be frozen out of the garbage collector (not so in a test that calls the app in-process: freezing would keep its
+# garbage cycles alive).
+FREEZE_GC_AFTER_STARTUP = False
+
+
+def pause_gc():
+    """Switch the cyclic garbage collector off while a launch imports torch and transformers and loads the model;
+    returns ``resume()`` (idempotent), to call once the launch is over (``run``: after the first streamed text).
+
+    Importing torch and transformers creates some 400,000 tracked objects and almost no garbage (~9,000 unreachable
+    objects, under 1 MiB). With the collector on, that growth set off 7 full collections, each traversing every
+    object so far: ~0.9 s of the 4-5 s before the first token of ``fmchat run`` on the default model. ``resume``
+    freezes what the launch made (``gc.freeze``: later collections skip it, as they would find it alive anyway)
+    when the process is fmchat's own (``FREEZE_GC_AFTER_STARTUP``), then turns the collector back on."""
+    if not gc.isenabled():
+        return lambda: None
+    gc.disable()
+    resumed = False
+
+    def resume() -> None:
+        nonlocal resumed
+        if resumed:
+            return
+        resumed = True
+        if FREEZE_GC_AFTER_STARTUP:
+            gc.freeze()
+        gc.enable()
+
+    return resume
+

@@ -20,7 +20,7 @@ from fmchat.config import RunConfig
 from fmchat.errors import FmchatError, UserError
 from fmchat.text import count
 
-from .app import app, progress_printer, warn
+from .app import app, pause_gc, progress_printer, warn
 from .options import JsonOpt, given, read_script, run_config, with_config_options
 
 
@@ -109,6 +109,15 @@ def run(
 
     The conversation is saved as a session (its id goes to stderr as 'session: ID'); --session ID continues one.
     """
+    resume_gc = pause_gc()  # on again once the first reply text is out (the imports and the load run without it)
+    try:
+        _run(prompts, script, json_out, session_id, save, options, resume_gc)
+    finally:
+        resume_gc()
+
+
+def _run(prompts, script, json_out, session_id, save, options, first_output) -> None:
+    """``run``'s body; ``first_output()`` is called once the first reply text (or JSON line) has been written."""
     from fmchat.engine import TextDelta, TurnDone
     from fmchat.text import neutralize
 
@@ -156,6 +165,7 @@ def run(
                 if isinstance(ev, TextDelta) and not json_out:
                     sys.stdout.write(neutralize(ev.text))
                     sys.stdout.flush()
+                    first_output()
                 elif isinstance(ev, TurnDone):
                     if json_out:
                         print(json.dumps({"turn": i, "user": text, "reply": ev.reply, **ev.stats.to_dict()}), flush=True)
@@ -163,6 +173,7 @@ def run(
                         sys.stdout.write("\n")
                         sys.stdout.flush()
                         typer.echo(stats_line(ev.stats), err=True)
+                    first_output()  # (a reply with no text at all)
         except FmchatError as exc:  # the same error, saying which turn
             raise type(exc)(f"turn {i}: {exc}") from None
     if decode is not None and decode()["state"] == "compiling" and not decode()["cached_entry"]:
@@ -190,7 +201,12 @@ def chat(
     if not plain:
         launch_tui(options)
         return
-    repl(open_conversation(run_config(options), save=save))
+    resume_gc = pause_gc()  # the imports and the load run without the cyclic collector (app.pause_gc)
+    try:
+        conv = open_conversation(run_config(options), save=save)
+    finally:
+        resume_gc()
+    repl(conv)
 
 
 def repl(conv) -> None:

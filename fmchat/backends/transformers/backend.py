@@ -140,9 +140,10 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
             self._select_kernels(progress)
         self._step = None
         self._last_forward = time.monotonic()  # the load counts as activity: a chat starting now goes first
+        self._forwards = 0  # forwards under way (a long prefill is activity from its start to its end)
         self._build = None  # the StepBuild of the compiled step (compiled.py), while one is wanted
         if self._decode_choice == "auto":
-            self._start_background_compile()
+            self._start_background_compile(progress)
         elif self._decode_choice != "eager":
             self._compile_step(self._decode_choice, progress)
         elif self._eager_reason and "FMCHAT_AUTO_COMPILE" not in self._eager_reason:
@@ -209,13 +210,13 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
             return "eager", "auto: background compile off (FMCHAT_AUTO_COMPILE=0)"
         return "auto", ""
 
-    def _cache_entry(self, backend: str):
+    def _cache_entry(self, backend: str, aot: bool = False):
         """The on-disk cache entry of this backend's compiled step (None for torch.compile backends that leave no
-        artifact to keep)."""
+        artifact to keep); ``aot``: the entry of its AOTInductor package."""
         if backend != "inductor":
             return None
         from . import compile_cache
-        from .compiled import INDUCTOR_OPTIONS
+        from .compiled import AOT_OPTIONS, INDUCTOR_OPTIONS
 
         weights = Path(self._weights_dir)
         model = {"name": self.model_name, **compile_cache.weights_fingerprint(weights)}
@@ -223,11 +224,14 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         from fmchat_kernels.quant import select
 
         formats = select.model_formats_and_shapes(self.model)[0]
-        return compile_cache.Entry(compile_cache.step_key(model, load, {"backend": backend, "inductor": INDUCTOR_OPTIONS},
-                                                          formats))  # fmt: skip
+        options = {"backend": "aot_inductor", "inductor": AOT_OPTIONS} if aot else {"backend": backend, "inductor": INDUCTOR_OPTIONS}
+        key = compile_cache.step_key(model, load, options, formats)
+        return compile_cache.Entry(key, artifact=compile_cache.AOT_PACKAGE if aot else compile_cache.ARTIFACTS)
 
     def _new_build(self, choice: str, scratch: bool, progress=None):
-        from .compiled import CompiledStep, StepBuild
+        import os
+
+        from .compiled import AotStep, CompiledStep, StepBuild
 
         backend = "inductor" if choice in ("auto", "compiled") else choice
 
@@ -236,18 +240,35 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
             cache = self._new_cache() if scratch else self.cache
             return CompiledStep(self.model, cache, self._dev, choice)
 
-        try:
-            entry = self._cache_entry(backend)
-        except Exception:  # noqa: BLE001 - no cache key (e.g. unreadable weights dir): compile without caching
-            entry = None
-        return StepBuild(make, entry, progress)
+        def make_aot():
+            return AotStep(self.model, self._new_cache() if scratch else self.cache, self._dev)
+
+        entries = {}
+        for aot in (False, True):
+            try:
+                entries[aot] = self._cache_entry(backend, aot)
+            except Exception:  # noqa: BLE001 - no cache key (e.g. unreadable weights dir): compile without caching
+                entries[aot] = None
+        # FMCHAT_AOT=0: torch.compile only (the path before AOTInductor; for A/B measurements)
+        use_aot = backend == "inductor" and os.environ.get("FMCHAT_AOT", "1") != "0"
+        return StepBuild(make, entries[False], progress, make_aot=make_aot if use_aot else None, aot_entry=entries[True])
 
     def _idle(self) -> bool:
         """No forward for a second (a reply finished, or none has started since the load): the background compile
         may take the CPU (``StepBuild.idle``)."""
-        return time.monotonic() - self._last_forward >= 1.0
+        return self._forwards == 0 and time.monotonic() - self._last_forward >= 1.0
 
-    def _start_background_compile(self) -> None:
+    def _start_background_compile(self, progress: ProgressFn = no_progress) -> None:
+        """``auto``: a step this machine compiled before (an AOTInductor package) is loaded now, in well under a
+        second, and decodes from the first reply; otherwise it is prepared in the background."""
+        build = self._new_build("auto", scratch=False)
+        if build.aot_entry is not None and build.aot_entry.exists():
+            progress("loading the compiled decode step", None)
+            step = build.load_saved()
+            if step is not None:
+                self._build, self._step = build, step
+                self.compile_status = self._compiled_status(build)
+                return
         self._build = self._new_build("auto", scratch=True)
         self._build.idle = self._idle
         self.compile_status = "auto: eager until the compiled step is ready"
@@ -301,8 +322,10 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         if build is None:
             return self._step is not None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not build.done.wait(2.0 if progress or deadline is not None else None):
-            if progress is not None:
+        said, said_at = None, 0.0
+        while not build.done.wait(0.25 if progress or deadline is not None else None):
+            if progress is not None and (build.phase != said or time.monotonic() - said_at >= 2.0):
+                said, said_at = build.phase, time.monotonic()  # each new phase at once, then every 2 s
                 progress(f"decode step: {build.phase} ({build.elapsed():.0f} s)", build.fraction())
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -386,16 +409,24 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
             if drop > 0:
                 self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
 
-    @torch.inference_mode()
     def forward(self, ids: Sequence[int]) -> torch.Tensor:
-        self._last_forward = time.monotonic()
+        self._forwards += 1
+        try:
+            return self._forward(ids)
+        finally:
+            self._forwards -= 1
+            self._last_forward = time.monotonic()
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int]) -> torch.Tensor:
         past = self.cached_tokens()
         if self._build is not None and self._step is None and (len(ids) > 1 or past == 0):
             self._maybe_switch()  # a prefill starts a turn: the only place the decode path may change
         if self._step is not None and len(ids) == 1 and past > 0:
             if past + 1 > self.ctx_size:
                 raise ValueError(f"fmc KV cache is full: {past} + 1 tokens > {self.ctx_size}")
-            return self._step(int(ids[0]), past)
+            if self._step.covers(past):
+                return self._step(int(ids[0]), past)
         input_ids = torch.tensor([list(ids)], device=self._dev)
         pos = torch.arange(past, past + len(ids), device=self._dev)
         out = self.model(

@@ -38,6 +38,7 @@ from fmchat import paths
 
 FORMAT = 1  # bump when the entry layout changes
 ARTIFACTS = "artifacts.bin"
+AOT_PACKAGE = "step.pt2"
 META = "meta.json"
 
 # One compile of ours at a time per process: torch's artifact recorder is process-wide (what a save serializes is
@@ -148,13 +149,14 @@ def digest(key: dict) -> str:
 class Entry:
     """One cached compiled step (may not exist yet)."""
 
-    def __init__(self, key: dict, base: Path | None = None):
+    def __init__(self, key: dict, base: Path | None = None, artifact: str = ARTIFACTS):
         self.key = key
         self.dir = (base or root()) / digest(key)
+        self.artifact = artifact  # ARTIFACTS (torch.compile's cache) or AOT_PACKAGE (an AOTInductor package)
 
     @property
     def artifacts(self) -> Path:
-        return self.dir / ARTIFACTS
+        return self.dir / self.artifact
 
     @property
     def meta_path(self) -> Path:
@@ -181,9 +183,9 @@ class Entry:
         try:
             data = self.artifacts.read_bytes()
         except OSError as exc:
-            raise StaleEntry(f"cannot read {ARTIFACTS}: {exc}") from None
+            raise StaleEntry(f"cannot read {self.artifact}: {exc}") from None
         if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            raise StaleEntry(f"{ARTIFACTS} does not match its checksum (corrupt or truncated)")
+            raise StaleEntry(f"{self.artifact} does not match its checksum (corrupt or truncated)")
         return data
 
     def write(self, data: bytes, compile_s: float) -> None:

@@ -68,6 +68,16 @@ def step_attention(module, query, key, value, step, scaling, sliding_window):
     return decode_attention_fused(query, kc[0, :, lo:n], vc[0, :, lo:n], scale), None
 
 
+# Set (per thread) while ``AotStep.export`` traces the step: torch.export's non-strict trace is not Dynamo, and the
+# process-wide ``torch.compiler.is_exporting()`` would also be true for a thread decoding eagerly meanwhile.
+_TRACE = threading.local()
+
+
+def _tracing_step() -> bool:
+    """True while this thread traces the decode step (Dynamo for ``torch.compile``, ``AotStep.export``)."""
+    return torch.compiler.is_dynamo_compiling() or getattr(_TRACE, "on", False)
+
+
 class DecodeLinear(torch.nn.Linear):
     """``nn.Linear`` whose one-row calls inside the compiled step are ``fmchat_kernels.quant.float_gemv`` (bf16/fp16
     weights); everything else (eager prefill, fp32 weights, several rows) is ``nn.Linear``'s own forward. Swapped
@@ -76,7 +86,7 @@ class DecodeLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # is_dynamo_compiling, not is_compiling: the latter reads a process-wide flag that is also true for a thread
         # decoding eagerly while another thread compiles (the background compile of ``--compile auto``).
-        if torch.compiler.is_dynamo_compiling() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
+        if _tracing_step() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
             return float_gemv(x.reshape(1, -1), self.weight, self.bias).reshape(x.shape[:-1] + (self.out_features,))
         return super().forward(x)
 
@@ -163,6 +173,11 @@ class CompiledStep:
         for t in self.k + self.v:
             torch._dynamo.mark_static(t)  # the buffers never change shape; only the fill ``n`` is symbolic
 
+    kind = "jit"
+
+    def covers(self, position: int) -> bool:  # one graph for every fill (the backend checks that the cache has room)
+        return position >= 1
+
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Decode ``token`` at ``position`` (>= 1: the cache holds ``position`` tokens)."""
@@ -217,6 +232,164 @@ class CompiledStep:
             return None
         return types.FunctionType(entries[0].code, self.step.__globals__, self.step.__name__)
 
+# AOTInductor: the step exported once (torch.export) and compiled ahead of time into a package (a shared library
+# with inductor's kernels and its C++ wrapper) without the weights, which are bound at load to the model's own
+# tensors. Loading a saved package takes milliseconds (no Dynamo trace, no inductor), so a launch that finds one
+# decodes compiled from its first reply (docs/decode.md).
+AOT_OPTIONS = {
+    "realize_opcount_threshold": INDUCTOR_OPTIONS["realize_opcount_threshold"],
+    "size_asserts": False,
+    "aot_inductor.package_constants_in_so": False,  # weights stay the model's tensors (bound at load, not copied)
+}
+# How far the compiled step's logits may be from the eager step's (relative L2 norm) at the check after a load: a
+# package that is not this model's step gives unrelated logits (~1.4). The same step in other rounding: float32
+# ~1e-6; bfloat16 1e-2 on 2 layers, 0.01-0.3 on SmolLM2's 30 (activations rounded to bf16 at other places; the
+# torch.compile step differs from eager as much).
+AOT_CHECK = {torch.float32: 1e-3, torch.float16: 0.5, torch.bfloat16: 0.5}
+
+
+class _StepModule(torch.nn.Module):
+    """The one-token step as a module for torch.export: the fill ``n`` is the length of ``fill`` (a view of a
+    preallocated buffer), a symbolic size of the exported program."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids, pos, fill, k, v, lens):
+        out = self.m(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, fmc_step=(k, v, lens, fill.shape[0]))
+        return out.logits[0, -1].float()
+
+
+class AotStep:
+    """The one-token step compiled ahead of time (AOTInductor) over an ``FmcCache``: ``export()`` +
+    ``compile_to(path)`` once per machine, ``load(path)`` at each launch (milliseconds), ``check()``, then
+    ``__call__``. The same traced computation as ``CompiledStep`` (``step_attention``, ``DecodeLinear``, the int8
+    GEMVs); the KV buffers are inputs, so ``bind`` moves it to another cache of the same shapes."""
+
+    backend = "inductor"
+    kind = "aot"
+
+    def __init__(self, model, cache, device: str):
+        if device != "cpu":
+            raise NotImplementedError("the compiled decode step is CPU-only for now (on CUDA it did not match eager)")
+        window = getattr(model.config, "sliding_window", None)
+        if isinstance(window, int) and 0 < window < cache.max_cache_len:
+            # the window's slice [max(0, n - w), n) has a length torch.export cannot bound from n's range (it asks to
+            # prove e.g. that it is never 1); torch.compile guards it instead, so such models take that path
+            raise NotImplementedError(f"a sliding window ({window} tokens) shorter than the context is not exported yet")
+        self.model = model
+        self.device = device
+        use_decode_linears(model)
+        self.module = _StepModule(model).eval()
+        self.bind(cache)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.fill = torch.zeros(self.ctx, dtype=torch.int8, device=device)
+        self.runner = None
+
+    bind = CompiledStep.bind
+
+    @property
+    def ctx(self) -> int:
+        return int(self.k[0].shape[2])
+
+    @property
+    def max_fill(self) -> int:
+        # torch.export guards the fill below the buffer length (at n == ctx the slice of the filled rows is the
+        # whole buffer, a case it specializes): the very last row of a full cache is decoded eagerly.
+        return self.ctx - 1
+
+    def covers(self, position: int) -> bool:
+        return 1 <= position and position + 1 <= self.max_fill
+
+    def export(self):
+        import warnings
+
+        from torch.export import Dim
+
+        layers = len(self.k)
+        n = Dim("n", min=2, max=self.max_fill)
+        # Said by torch's trace of transformers' model, about transformers' own code (its output-capturing collector,
+        # a torch.jit helper); nothing the user can act on.
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method. is deprecated", category=DeprecationWarning)
+        _TRACE.on = True
+        try:
+            with torch.no_grad():
+                return torch.export.export(self.module, (self.ids, self.pos, self.fill[:2], self.k, self.v, self.lens),
+                                           dynamic_shapes=(None, None, {0: n}, [None] * layers, [None] * layers, [None] * layers),
+                                           strict=True)  # fmt: skip
+        finally:
+            _TRACE.on = False
+
+    def compile_to(self, program, path) -> None:
+        import warnings
+
+        import torch._inductor
+
+        # torch 2.13 pickles its own tree specs with a deprecated isinstance check while packaging (not ours to fix)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(AOT_OPTIONS))
+
+    def load(self, path) -> None:
+        """Load a package and bind its constants (the weights) to the model's own tensors, not copies."""
+        import torch._inductor
+
+        runner = torch._inductor.aoti_load_package(str(path))
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named.update(self.module.named_buffers(remove_duplicate=False))
+        wanted = runner.get_constant_fqns()
+        missing = [f for f in wanted if f not in named]
+        if missing:
+            raise ValueError(f"the compiled step needs constants the model does not have: {missing[:3]}")
+        runner.load_constants({f: named[f] for f in wanted}, check_full_update=True, user_managed=True)
+        self.runner = runner
+
+    @torch.inference_mode()
+    def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Decode ``token`` at ``position`` (the cache holds ``position`` tokens; ``covers(position)``)."""
+        self.ids.fill_(token)
+        self.pos.fill_(position)
+        out = self.runner.loader.boxed_run([self.ids, self.pos, self.fill[: position + 1], *self.k, *self.v, *self.lens])
+        for layer in self.layers:  # the host-side mirror of seq_lens (the step advanced the tensors)
+            layer.host_lens = [x + 1 for x in layer.host_lens]
+        return out[0]
+
+    @torch.inference_mode()
+    def _eager(self, token: int, position: int) -> torch.Tensor:
+        self.ids.fill_(token)
+        self.pos.fill_(position)
+        out = self.model(input_ids=self.ids, **{CACHE_ARG: self.cache}, use_cache=True, logits_to_keep=1,
+                         cache_position=torch.full((1,), position, dtype=torch.long), position_ids=self.pos)  # fmt: skip
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Check the loaded step against the eager forward on a few positions of this cache (a package that does
+        not belong to this model, or is wrong, raises), then empty the cache. Returns seconds."""
+        t0 = time.perf_counter()
+        tol = AOT_CHECK.get(self.k[0].dtype, 0.1)
+        try:
+            self.cache.crop_to(0)
+            self._eager(1, 0)
+            for p in range(1, 4):
+                got = self(p + 1, p)
+                self.cache.crop_to(p)
+                want = self._eager(p + 1, p)
+                err = float((got - want).norm() / want.norm().clamp_min(1e-6))
+                if not err < tol:  # (also catches NaN)
+                    raise ValueError(f"the compiled step's logits differ from eager at position {p} (relative error {err:.2g})")
+        finally:
+            self.cache.crop_to(0)
+        return time.perf_counter() - t0
+
+
+def cc_lock():
+    from . import compile_cache as cc
+
+    return cc.COMPILE_LOCK
+
 
 class StepBuild:
     """Builds one ``CompiledStep`` through the on-disk cache (``compile_cache``): load the cached artifact when
@@ -228,8 +401,13 @@ class StepBuild:
     e.g. a torch.compile backend other than inductor). Readable from any thread: ``phase``, ``error``, ``step``,
     ``cached`` (the compile was served by the saved artifact), ``seconds``, ``done`` (an Event)."""
 
-    def __init__(self, make_step, entry=None, progress=None, idle=None):
+    def __init__(self, make_step, entry=None, progress=None, idle=None, make_aot=None, aot_entry=None):
         self.make_step = make_step
+        # AOTInductor first (a saved package loads in milliseconds); torch.compile when it fails (the reason is kept
+        # in ``aot_error``). ``make_aot`` returns a not-yet-loaded AotStep; ``aot_entry`` is its cache entry.
+        self.make_aot = make_aot
+        self.aot_entry = aot_entry
+        self.aot_error: str | None = None
         # idle() -> True when the chat has not run the model for a moment: a background build starts only then.
         # Tracing holds the GIL and compiling takes the cores, so a build running under a reply slows it several
         # times (measured: 0.3 tok/s against ~30 on the 2-core CPU); between replies it costs nobody anything.
@@ -243,7 +421,8 @@ class StepBuild:
         self.rebuilt: str | None = None  # why a saved entry was discarded and rebuilt
         self.saved = False
         self.seconds = 0.0
-        self.expected = entry.expected_seconds() if entry is not None else None
+        first = aot_entry if make_aot is not None and aot_entry is not None else entry
+        self.expected = first.expected_seconds() if first is not None else None
         self.started: float | None = None
         self.done = threading.Event()
         self.thread = None
@@ -288,6 +467,73 @@ class StepBuild:
                 time.sleep(0.2)
         self.run()
 
+    def load_saved(self) -> CompiledStep | AotStep | None:
+        """Only the saved ahead-of-time step, in the calling thread: the step when this machine compiled one for this
+        key (loaded and checked in well under a second), else None (nothing compiled here; a stale or corrupt
+        entry is discarded, so that a later ``start()``/``run()`` rebuilds it)."""
+        if self.make_aot is None or self.aot_entry is None or not self.aot_entry.exists():
+            return None
+        self.started = time.perf_counter()
+        step = None
+        try:
+            with cc_lock():
+                step = self._load_aot()
+        except Exception as exc:  # noqa: BLE001 - a model the step cannot be built for: say so, stay eager
+            self.rebuilt = f"{type(exc).__name__}: {exc}"[:200]
+        if step is not None:
+            self.entry = self.aot_entry
+            self.step = step
+            self.phase = "ready"
+            self.seconds = time.perf_counter() - self.started
+            self.done.set()
+        return step
+
+    def _load_aot(self) -> AotStep | None:
+        entry = self.aot_entry
+        if entry is None or not entry.exists():
+            return None
+        self._say("loading the compiled step")
+        step = self.make_aot()
+        try:
+            entry.read()  # checked against its meta.json (size, sha256, key) before the loader sees it
+            step.load(entry.artifacts)
+            step.warm_up()
+        except Exception as exc:  # noqa: BLE001 - corrupt, truncated, stale, wrong: rebuild it
+            self.rebuilt = f"{type(exc).__name__}: {exc}"[:200]
+            entry.discard()
+            return None
+        self.cached = True
+        return step
+
+    def _build_aot(self) -> AotStep | None:
+        """Export, compile ahead of time, load, check and save. None (reason in ``aot_error``) on any failure."""
+        import tempfile
+        from pathlib import Path
+
+        try:
+            step = self.make_aot()
+            self._say("compiling (torch.export of the model)")
+            program = step.export()
+            self._say("compiling (AOTInductor, C++ build)")
+            with tempfile.TemporaryDirectory(prefix="fmchat-aot-") as tmp:
+                path = Path(tmp) / "step.pt2"
+                step.compile_to(program, path)
+                del program
+                step.load(path)
+                step.warm_up()
+                if self.aot_entry is not None:
+                    self._say("saving the compiled step for the next launch")
+                    try:
+                        self.aot_entry.write(path.read_bytes(), time.perf_counter() - self.started)
+                        self.saved = True
+                    except Exception as exc:  # noqa: BLE001 - no cache (read-only dir, disk full): still compiled
+                        self.rebuilt = (self.rebuilt or "") + f" (not saved: {type(exc).__name__}: {exc})"[:200]
+            return step
+        except Exception as exc:  # noqa: BLE001 - fall back to torch.compile, keeping the reason
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.aot_error = f"{type(exc).__name__}: {first}"
+            return None
+
     def run(self) -> CompiledStep | None:
         from . import compile_cache as cc
 
@@ -296,6 +542,13 @@ class StepBuild:
             with cc.COMPILE_LOCK, cc.inductor_dir():
                 if self.cancelled:
                     raise RuntimeError("cancelled (the backend was closed)")
+                if self.make_aot is not None:
+                    step = self._load_aot() or self._build_aot()
+                    if step is not None:
+                        self.entry = self.aot_entry  # the entry of the step in use
+                        self.step = step
+                        self.phase = "ready"
+                        return step
                 loaded = False
                 if self.entry is not None and self.entry.exists():
                     self._say("loading the cached step")

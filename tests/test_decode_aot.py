@@ -1,0 +1,81 @@
+"""The compiled decode step ahead of time (AOTInductor, ``compiled.AotStep``), through ``fmchat run``: the first launch
+replies eagerly and compiles the step for the next one; the second launch loads the saved package with the model
+and decodes compiled from its first reply, with the same greedy float32 tokens; a launch that leaves while a
+compile is under way (Ctrl+C skips it) exits cleanly with its code, not with an abort from the compile's thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import build_tiny_model
+
+from fmchat.backends.transformers.compile_cache import AOT_PACKAGE
+
+PROMPTS = ["Hello there.", "Tell me about the sea."]
+
+
+def _env(home):
+    return dict(os.environ, FMCHAT_CACHE_DIR=str(home / "cache"), FMCHAT_AUTO_COMPILE="1", PYTHONUNBUFFERED="1")
+
+
+def _run(model, home, *extra) -> tuple[list[dict], str]:
+    cmd = [sys.executable, "-m", "fmchat", "run", *PROMPTS, "--model", str(model), "--dtype", "float32", "--ctx", "512",
+           "--max-new-tokens", "12", "--temperature", "0", "--no-save", "--json", *extra]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(home), timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")], r.stderr
+
+
+def _saved(home) -> list:
+    root = home / "cache" / "compiled"
+    return sorted(p for p in root.iterdir() if (p / "meta.json").is_file()) if root.is_dir() else []
+
+
+def test_run_compiles_for_the_next_launch_which_decodes_compiled_from_its_first_reply(tiny_model, tmp_path):
+    eager, _ = _run(tiny_model, tmp_path, "--compile", "eager")
+    assert [t["decode_path"] for t in eager] == ["eager", "eager"]
+
+    first, err = _run(tiny_model, tmp_path)  # auto: nothing saved yet: eager replies at once, then the compile
+    assert all(t["decode_path"].startswith("eager") for t in first), [t["decode_path"] for t in first]
+    assert "compiling the decode step for the next launch" in err
+    (entry,) = _saved(tmp_path)
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["key"]["compile"]["backend"] == "aot_inductor" and (entry / AOT_PACKAGE).stat().st_size == meta["bytes"]
+
+    second, err = _run(tiny_model, tmp_path)  # the saved package is loaded with the model: compiled from reply one
+    assert all(t["decode_path"].startswith("compiled (inductor, cached, ") for t in second), [t["decode_path"] for t in second]
+    assert "compiling" not in err
+    assert [t["reply"] for t in second] == [t["reply"] for t in first] == [t["reply"] for t in eager]
+    assert len(_saved(tmp_path)) == 1
+
+
+def test_leaving_during_the_compile_exits_cleanly(smol_tokenizer, tmp_path):
+    """Ctrl+C while ``run`` compiles the step for the next launch: the reply is out, the compile is skipped, exit 0
+    and nothing else on stderr (an interpreter shutdown under the compile's thread during torch's trace of the model
+    printed hundreds of "nanobind: leaked" lines, or aborted: exit 134, "terminate called without an active
+    exception"). 16 layers, so that the trace lasts a few seconds."""
+    model = build_tiny_model(tmp_path / "deep", smol_tokenizer, layers=16)
+    cmd = [sys.executable, "-m", "fmchat", "run", "Hello there.", "--model", str(model), "--dtype", "float32",
+           "--ctx", "256", "--max-new-tokens", "6", "--temperature", "0", "--no-save"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    seen = ""
+    deadline = time.monotonic() + 600
+    while "decode step: compiling (torch.export" not in seen:  # the trace: the phase whose shutdown aborted
+        line = p.stderr.readline()
+        assert line or p.poll() is None, seen[-2000:]
+        seen += line
+        assert time.monotonic() < deadline, seen[-2000:]
+    p.send_signal(signal.SIGINT)
+    out, rest = p.communicate(timeout=300)
+    seen += rest
+    assert p.returncode == 0, seen[-3000:]
+    assert out.strip() and "compile skipped" in seen
+    # nothing from the interpreter's shutdown under the compile's thread: an abort, a traceback, or the
+    # "nanobind: leaked ..." lines of triton's bindings torn down while the trace holds them
+    assert not [w for w in ("terminate called", "Traceback", "leaked", "Error") if w in seen], seen[-3000:]
+    assert _saved(tmp_path) == []  # nothing half-written counts as a saved step
