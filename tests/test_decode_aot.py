@@ -79,3 +79,29 @@ def test_leaving_during_the_compile_exits_cleanly(smol_tokenizer, tmp_path):
     # "nanobind: leaked ..." lines of triton's bindings torn down while the trace holds them
     assert not [w for w in ("terminate called", "Traceback", "leaked", "Error") if w in seen], seen[-3000:]
     assert _saved(tmp_path) == []  # nothing half-written counts as a saved step
+
+
+def test_a_package_that_is_not_this_models_step_is_refused(smol_tokenizer, tmp_path, monkeypatch):
+    """The saved package is checked against the eager forward after it is loaded. Its weights are the model's own
+    (bound at load), but what the trace baked in is not: here the norms' epsilon. The step compiled for one model,
+    loaded over another with the same tensors and another epsilon, gives other logits and is refused."""
+    import pytest
+
+    from fmchat.backends.transformers.compiled import AotStep
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+
+    monkeypatch.setenv("FMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    a = load_backend(RunConfig(model=str(build_tiny_model(tmp_path / "a", smol_tokenizer)), device="cpu",
+                               dtype="float32", ctx=256, compile="compiled"))  # fmt: skip
+    assert a._step.kind == "aot" and a._build.entry.exists()
+    package = a._build.entry.artifacts
+    other = build_tiny_model(tmp_path / "b", smol_tokenizer, rms_norm_eps=0.5)  # same seed: the same weights
+    b = load_backend(RunConfig(model=str(other), device="cpu", dtype="float32", ctx=256, compile="eager", kernel="fmc"))
+    ok = AotStep(a.model, a._new_cache(), "cpu")  # its own model: accepted
+    ok.load(package)
+    ok.warm_up()
+    wrong = AotStep(b.model, b.cache, "cpu")
+    wrong.load(package)  # the constants bind (same names and shapes) ...
+    with pytest.raises(ValueError, match="differ from eager"):
+        wrong.warm_up()  # ... but the epsilon traced into the package is the other model's

@@ -29,15 +29,17 @@ def main() -> None:
 
 
 def _exit_past_a_compile(code) -> None:
-    """A background compile of the decode step still under way when fmchat exits (the app quit, ``run`` skipped it
-    with Ctrl-C): its thread cannot be stopped, and the interpreter's shutdown under torch's trace aborts the process
-    ("terminate called without an active exception", exit 134). Nothing is lost by leaving at once (an entry is
-    saved only when complete; the sessions store commits each write), so flush and exit with the same code."""
+    """After a compile of the decode step in this process, leave at once instead of through the interpreter's
+    shutdown. A compile still under way (the app quit, ``run`` skipped it with Ctrl-C) cannot be stopped, and a
+    shutdown under torch's trace aborts the process ("terminate called without an active exception", exit 134); after
+    any compile, the teardown of triton's bindings (loaded by inductor) prints hundreds of "nanobind: leaked ..."
+    lines. Nothing is lost by leaving at once (a compiled step is saved only when complete; the sessions store
+    commits each write), so flush and exit with the same code."""
     import os
     import sys
 
     cc = sys.modules.get("fmchat.backends.transformers.compile_cache")
-    if cc is None or not cc.COMPILE_LOCK.locked():
+    if cc is None or not (cc.COMPILE_LOCK.locked() or "triton" in sys.modules):
         return
     for stream in (sys.stdout, sys.stderr):
         try:
