@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 
@@ -41,6 +42,7 @@ app.add_typer(sessions_app, name="sessions")
 def progress_printer(quiet: bool = False):
     """Load progress as ``[fmchat] step`` lines on stderr."""
 
+    import re
     import time
 
     last = {"label": None, "fraction": 0.0, "at": 0.0}
@@ -52,7 +54,9 @@ def progress_printer(quiet: bool = False):
         # once per tensor; its first and last line always.
         label = step.split(":")[0]
         now = time.monotonic()
-        counting = fraction is not None and label == last["label"] and fraction < 1.0
+        count = re.search(r"(\d+)/(\d+)\D*$", step)
+        last_one = count is not None and count.group(1) == count.group(2)
+        counting = fraction is not None and label == last["label"] and fraction < 1.0 and not last_one
         if counting and fraction - last["fraction"] < 0.1 and now - last["at"] < 2.0:
             return
         last.update(label=label, fraction=fraction or 0.0, at=now)
@@ -92,6 +96,9 @@ def pause_gc():
         resumed = True
         if FREEZE_GC_AFTER_STARTUP:
             gc.freeze()
+            # thawed again at exit: objects still frozen when the interpreter shuts down are never freed, and triton's
+            # bindings (imported with transformers' modeling code) then report them ("nanobind: leaked 4 instances!")
+            atexit.register(gc.unfreeze)
         gc.enable()
 
     return resume
