@@ -218,6 +218,17 @@ def _from_pretrained(weights: Path, dtype: torch.dtype, kernel: str, progress: P
         return AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype, attn_implementation=kernel)
 
 
+def _parameter_holders(model: nn.Module) -> tuple[dict[int, list], dict[int, str]]:
+    """Each parameter (by id) with every ``(module, attribute, parameter)`` that holds it (tied weights: several), and
+    its name in ``named_parameters()``."""
+    holders: dict[int, list] = {}
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mod, attr, p))
+    return holders, {id(p): name for name, p in model.named_parameters()}
+
+
 def _map_into_skeleton(weights: Path, ckpt: Checkpoint, dtype: torch.dtype, kernel: str, progress: ProgressFn,
                        label: str) -> nn.Module | None:  # fmt: skip
     """The mapped load without ``from_pretrained``: a skeleton (``_skeleton``), whose parameters then become views of
@@ -232,12 +243,7 @@ def _map_into_skeleton(weights: Path, ckpt: Checkpoint, dtype: torch.dtype, kern
     if _why_not_plan(model, keys, False, dtype) is not None:
         return None
     assert isinstance(keys, dict)
-    holders: dict[int, list] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((mod, attr, p))
-    names = {id(p): name for name, p in model.named_parameters()}
+    holders, names = _parameter_holders(model)
     storages: dict[int, torch.UntypedStorage] = {}
     tensors = []
     for group in holders.values():
@@ -262,12 +268,7 @@ def _map_into_skeleton(weights: Path, ckpt: Checkpoint, dtype: torch.dtype, kern
 
 def _stream_cast(model: nn.Module, ckpt: Checkpoint, keys: dict[str, str], device: str, progress: ProgressFn) -> None:
     """Load every (meta) parameter of the skeleton at its own dtype, one tensor at a time."""
-    holders: dict[int, list] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((mod, attr, p))
-    names = {id(p): name for name, p in model.named_parameters()}
+    holders, names = _parameter_holders(model)
     n = len(holders)
     for i, group in enumerate(holders.values(), 1):
         p = group[0][2]
