@@ -81,10 +81,16 @@ def test_leaving_during_the_compile_exits_cleanly(smol_tokenizer, tmp_path):
     assert _saved(tmp_path) == []  # nothing half-written counts as a saved step
 
 
-def test_a_package_that_is_not_this_models_step_is_refused(smol_tokenizer, tmp_path, monkeypatch):
-    """The saved package is checked against the eager forward after it is loaded. Its weights are the model's own
+def test_one_layer_program_serves_every_layer_and_another_models_package_is_refused(smol_tokenizer, tmp_path, monkeypatch):
+    """The package holds two programs, one decoder layer and the head, whatever the layer count: the cold compile
+    does not grow with the layers. The step compiled on a 2-layer model runs a 5-layer model of the same layer
+    shapes (each layer bound to its own weights) and passes the check against its eager forward.
+
+    The saved package is checked against the eager forward after it is loaded. Its weights are the model's own
     (bound at load), but what the trace baked in is not: here the norms' epsilon. The step compiled for one model,
     loaded over another with the same tensors and another epsilon, gives other logits and is refused."""
+    import zipfile
+
     import pytest
 
     from fmchat.backends.transformers.compiled import AotStep
@@ -101,6 +107,15 @@ def test_a_package_that_is_not_this_models_step_is_refused(smol_tokenizer, tmp_p
     ok = AotStep(a.model, a._new_cache(), "cpu")  # its own model: accepted
     ok.load(package)
     ok.warm_up()
+    names = [n.split("/") for n in zipfile.ZipFile(package).namelist()]
+    programs = {p[p.index("aotinductor") + 1] for p in names if "aotinductor" in p[:-1]}
+    assert programs == {"layer", "head"}, programs
+    deeper = build_tiny_model(tmp_path / "c", smol_tokenizer, layers=5)
+    c = load_backend(RunConfig(model=str(deeper), device="cpu", dtype="float32", ctx=256, compile="eager", kernel="fmc"))
+    five = AotStep(c.model, c.cache, "cpu")
+    five.load(package)
+    assert len(five.layers_run) == 5
+    five.warm_up()  # the 2-layer model's package, 5 layers deep: the same logits as eager
     wrong = AotStep(b.model, b.cache, "cpu")
     wrong.load(package)  # the constants bind (same names and shapes) ...
     with pytest.raises(ValueError, match="differ from eager"):
