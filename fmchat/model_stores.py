@@ -21,7 +21,7 @@ Where each store is looked for, and the name ``--model`` takes for what it holds
 Vision projectors (``mmproj*``) and the second and later parts of a split GGUF are not listed.
 
 Also here: ``content_digest`` (the identity of a GGUF's bytes, whichever store path reaches them) and
-``gguf_general`` (the ``general.*`` values of a GGUF header).
+``gguf_general`` (the ``general.*`` values of a GGUF header) and ``gguf_metadata`` (any header values, one pass).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -406,6 +407,66 @@ def _read_value(f, vtype: int, keep: bool):
         for _ in range(count):
             _read_value(f, etype, False)
     return None
+
+
+def _read_array(f, keep: bool) -> list | None:
+    """A GGUF array value (after its type tag): a list of its items, or None when not ``keep`` (skipped)."""
+    etype, count = _read(f, "<IQ")
+    if etype in _SCALARS:
+        size = struct.calcsize(_SCALARS[etype])
+        if not keep:
+            f.seek(count * size, 1)
+            return None
+        data = f.read(count * size)
+        if len(data) != count * size:
+            raise ValueError("truncated GGUF header")
+        return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", data))
+    if etype != _STRING:
+        items = [_read_array(f, keep) if etype == _ARRAY else _read_value(f, etype, keep) for _ in range(count)]
+        return items if keep else None
+    # arrays of strings (a vocabulary: 262k of them in Gemma 3) are the bulk of a header: one read per length and
+    # one per string, decoded only when kept
+    read, unpack, items = f.read, struct.Struct("<Q").unpack, []
+    for _ in range(count):
+        head = read(8)
+        if len(head) != 8:
+            raise ValueError("truncated GGUF header")
+        (n,) = unpack(head)
+        if n > _MAX_STRING:
+            raise ValueError("implausible GGUF string")
+        if keep:
+            data = read(n)
+            if len(data) != n:
+                raise ValueError("truncated GGUF header")
+            items.append(data.decode("utf-8", "replace"))
+        else:
+            f.seek(n, 1)
+    return items if keep else None
+
+
+def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, object]:
+    """The values of ``keys`` in a GGUF header (v2/v3, little-endian), read in one pass that stops once every key is
+    seen: strings, numbers, and arrays of them as lists; a key the file lacks is absent. No tensor is touched, and
+    nothing else is parsed into objects (gguf's GGUFReader builds numpy views of every item of every array: seconds
+    for a large vocabulary). Raises ValueError (or OSError) for a file it cannot read."""
+    want, out = set(keys), {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        (version,) = _read(f, "<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not read here")
+        _, n_kv = _read(f, "<QQ")
+        for _ in range(n_kv):
+            if want <= out.keys():
+                break
+            key = _read_string(f) or ""
+            (vtype,) = _read(f, "<I")
+            keep = key in want
+            value = _read_array(f, keep) if vtype == _ARRAY else _read_value(f, vtype, keep)
+            if keep:
+                out[key] = value
+    return out
 
 
 def gguf_general(path: Path, want: tuple[str, ...] = ("general.name", "general.architecture")) -> dict[str, object]:

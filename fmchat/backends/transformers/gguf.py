@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..base import ProgressFn, no_progress
 
 CONVERTED_MARKER = "fmchat-converted.json"
 CONVERTED_DTYPE = torch.bfloat16
+# one_reader swaps two module attributes for the process: one conversion at a time holds them
+_ONE_READER = threading.Lock()
 
 
 def _gguf_key(path: Path) -> str:
@@ -85,6 +88,46 @@ def _tensor_progress(progress: ProgressFn, start: float, end: float, steps: int 
     return counted_tensor_loop("transformers.modeling_gguf_pytorch_utils", report)
 
 
+@contextmanager
+def one_reader(path: Path) -> Iterator[None]:
+    """While the block runs, ``path``'s header is parsed once. transformers opens the file three times in a conversion
+    (for the tokenizer, the config, then the tensors), each time with a new ``gguf.GGUFReader``, which parses every
+    item of the header's arrays into numpy views (over 10 s for Gemma 3's 262k-token vocabulary), and twice parses
+    that header into the same metadata dicts. Within the block, every read-only ``GGUFReader(path)`` is one reader
+    (a read-only memory map: sharing it changes nothing read), and the metadata-only ``load_gguf_checkpoint`` of
+    ``path`` is computed once and handed out as copies. Other files, and other modes, go through as before."""
+    import copy
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    target = os.path.realpath(path)
+    shared: dict = {}
+    with _ONE_READER:  # (taken before reading the attributes: another conversion's stand-ins are never "real")
+        real_reader, real_load = gguf.GGUFReader, hf_gguf.load_gguf_checkpoint
+
+        def reader(p, mode="r"):
+            if mode != "r" or os.path.realpath(p) != target:
+                return real_reader(p, mode)
+            if "reader" not in shared:
+                shared["reader"] = real_reader(p, mode)
+            return shared["reader"]
+
+        def load(p, return_tensors=False, *args, **kwargs):
+            if return_tensors or args or kwargs or os.path.realpath(p) != target:
+                return real_load(p, return_tensors, *args, **kwargs)
+            if "metadata" not in shared:
+                shared["metadata"] = real_load(p, False)
+            return copy.deepcopy(shared["metadata"])
+
+        gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader, load
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = real_reader, real_load
+            shared.clear()
+
+
 def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
     """Convert a GGUF file to a safetensors model dir in the cache (once); return that dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,10 +138,11 @@ def convert_gguf(gguf: Path, progress: ProgressFn = no_progress) -> Path:
     progress(f"converting {gguf.name} to safetensors (first load only)", 0.0)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    progress("dequantizing GGUF weights", 0.1)
-    with _tensor_progress(progress, 0.1, 0.7):
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=CONVERTED_DTYPE)
+    with one_reader(gguf):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        progress("dequantizing GGUF weights", 0.1)
+        with _tensor_progress(progress, 0.1, 0.7):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=CONVERTED_DTYPE)
     progress("writing safetensors (bfloat16)", 0.7)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the
     # dequantized tensors with safetensors and the config without the GGUF quantization entry.
