@@ -1,6 +1,8 @@
 """``--compile auto`` (the default decode path): the compiled step prepared in the background while the chat decodes
 eagerly, switched in between turns; compiled once per machine (the on-disk cache, ``compile_cache.py``), loaded by
 the next launch, rebuilt when the saved entry is corrupt; and the same greedy float32 tokens as eager throughout.
+On the default model over the shared 20-turn conversation, through ``fmchat run``: tests/test_e2e.py (``--compile
+on``, then the default path's second launch from the saved step, both equal to eager).
 
 The suite runs with FMCHAT_AUTO_COMPILE=0 by default (so that the many small models other tests load do not each
 start a compile); these tests switch it back on."""
@@ -15,7 +17,6 @@ import time
 
 import pytest
 import torch
-from conftest import SHARED_SCRIPT
 
 from fmchat.backends.transformers.compile_cache import AOT_PACKAGE
 from fmchat.config import RunConfig
@@ -211,43 +212,29 @@ def test_old_names_and_unavailable_auto(tiny_model, monkeypatch):
     assert settings  # (the settings module reads files through RunConfig.from_saved, checked above)
 
 
-# ------------------------------------------------------------------------------------------- the default model
-def _shared_turns() -> list[str]:
-    return [t if isinstance(t, str) else t["content"] for t in json.loads(SHARED_SCRIPT.read_text())["turns"]][:20]
+def test_a_new_entry_removes_the_ones_an_upgrade_left_behind(tmp_path):
+    """Saving a step removes the entries of the same model, options and machine built by another version of the step
+    code, torch or the kernel choices (nothing would load them again); entries for another context size or thread
+    count are live and stay."""
+    from fmchat.backends.transformers.compile_cache import Entry
 
+    def key(**changes):
+        base = {"format": 1, "model": {"name": "m", "weights": "w1"}, "load": {"ctx": 512, "dtype": "float32"},
+                "compile": {"backend": "aot_inductor"}, "code": "old", "torch": "2.13.0", "threads": 2,
+                "cpu_capability": "AVX2", "kernel_choices": {"schema": 1}}  # fmt: skip
+        return {**base, **changes}
 
-def _shared_replies(backend) -> tuple[list[list[int]], list[str]]:
-    s = ChatSession(backend, SessionConfig(gen=GenerationConfig(max_new_tokens=32, temperature=0.0, seed=0)))
-    ids, paths = [], []
-    for t in _shared_turns():
-        done = s.run_turn(t)
-        ids.append(list(s.messages[-1].token_ids))
-        paths.append(done.stats.decode_path)
-    return ids, paths
-
-
-@pytest.mark.e2e
-def test_auto_and_its_cached_step_equal_eager_over_the_shared_conversation_float32(monkeypatch):
-    """Must-show: on the default model, greedy float32 replies of the default path (``auto``, its compiled step)
-    equal the eager path's over the shared 20-turn conversation; then a second load of the backend hits the saved
-    step and gives them again."""
-    monkeypatch.setenv("FMCHAT_AUTO_COMPILE", "1")  # (the test session's cache dir: the GGUF is converted once there)
-    cfg = RunConfig(dtype="float32", device="cpu")
-    eager, paths = _shared_replies(load_backend(cfg.override(compile="eager", kernel="sdpa")))
-    assert set(paths) == {"eager"} and len(eager) == 20
-
-    first = load_backend(cfg)  # auto: the compile starts in the background
-    assert first.wait_decode_step()  # (fmchat run waits like this; the app would chat meanwhile, test above)
-    got, paths = _shared_replies(first)
-    assert all(p.startswith("compiled (inductor, ") for p in paths), paths[0]
-    assert got == eager
-    assert first._build.entry is not None and first._build.entry.exists()
-    del first
-
-    second = load_backend(cfg)
-    assert second._step is not None  # the saved step was loaded with the model: compiled from the first reply
-    assert second.wait_decode_step()
-    assert second.decode_status()["cached"] is True, second.decode_status()
-    got, paths = _shared_replies(second)
-    assert all(p.startswith("compiled (inductor, cached, ") for p in paths), paths[0]
-    assert got == eager
+    old_code = Entry(key(), tmp_path, artifact=AOT_PACKAGE)
+    other_ctx = Entry(key(load={"ctx": 1024, "dtype": "float32"}), tmp_path, artifact=AOT_PACKAGE)
+    other_threads = Entry(key(threads=1), tmp_path, artifact=AOT_PACKAGE)
+    for e in (old_code, other_ctx, other_threads):
+        e.write(b"package", 1.0)
+    assert all(e.exists() for e in (old_code, other_ctx, other_threads))  # (they differ beyond the versions)
+    new = Entry(key(code="new", kernel_choices={"schema": 2}), tmp_path, artifact=AOT_PACKAGE)
+    new.write(b"new package", 2.0)
+    assert new.exists() and new.read() == b"new package"
+    assert not old_code.exists() and not old_code.dir.exists()
+    assert other_ctx.exists() and other_threads.exists()
+    downgraded = Entry(key(code="new", torch="2.12.0"), tmp_path, artifact=AOT_PACKAGE)  # another torch: same rule
+    downgraded.write(b"package", 1.0)
+    assert downgraded.exists() and not new.dir.exists() and other_ctx.exists() and other_threads.exists()

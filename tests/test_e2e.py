@@ -18,7 +18,8 @@ def fmchat(*args, timeout=600, cache_dir=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if cache_dir:
         env["FMCHAT_CACHE_DIR"] = str(cache_dir)
-    return subprocess.run([sys.executable, "-m", "fmchat", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "fmchat", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +122,28 @@ def test_fmc_equals_sdpa_over_the_shared_conversation_float32(default_path_rows)
     assert [row["reply"] for row in fmc] == [row["reply"] for row in sdpa]
 
 
-def test_compiled_step_equals_eager_over_the_shared_conversation_float32(default_path_rows):
+@pytest.fixture(scope="module")
+def compiled_rows(default_path_rows):
+    """`--compile on`: the compiled one-token step over the fmc cache, compiled at load (or loaded, when this test
+    session already saved it) and saved in the test session's cache dir for the next launch."""
+    return shared_conversation_float32("--compile", "on")
+
+
+def test_compiled_step_equals_eager_over_the_shared_conversation_float32(default_path_rows, compiled_rows):
     """On the default model: `--compile on` (the compiled one-token step over the fmc cache) gives the same replies
     as the default eager path."""
-    eager = default_path_rows
-    compiled = shared_conversation_float32("--compile", "on")
+    eager, compiled = default_path_rows, compiled_rows
     assert all(row["decode_path"] == "eager" for row in eager)
     assert all(row["decode_path"].startswith("compiled (inductor") for row in compiled), compiled[0]["decode_path"]
     assert [row["reply"] for row in compiled] == [row["reply"] for row in eager]
+
+
+def test_default_path_second_launch_decodes_its_saved_step_and_equals_eager(default_path_rows, compiled_rows, monkeypatch):
+    """Must-show (issue 17): the default decode path (`auto`, no flag) on the second launch loads the step saved by the
+    run above with the model and decodes compiled from its first reply; its greedy float32 replies over the shared
+    20-turn conversation equal the eager path's."""
+    monkeypatch.setenv("FMCHAT_AUTO_COMPILE", "1")  # (the suite's default is 0: small models would each start a compile)
+    auto = shared_conversation_float32()
+    paths = [row["decode_path"] for row in auto]
+    assert all(p.startswith("compiled (inductor, cached, ") for p in paths), paths
+    assert [row["reply"] for row in auto] == [row["reply"] for row in default_path_rows]

@@ -228,7 +228,9 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         key = compile_cache.step_key(model, load, options, formats)
         return compile_cache.Entry(key, artifact=compile_cache.AOT_PACKAGE if aot else compile_cache.ARTIFACTS)
 
-    def _new_build(self, choice: str, scratch: bool, progress=None):
+    def _new_build(self, choice: str, scratch: bool, progress=None, entries: dict | None = None):
+        """A StepBuild for ``choice``; ``entries`` ({False: torch.compile's entry, True: the AOT package's}) when the
+        caller has them already (building the keys reads the weights files' stats and hashes the step's code)."""
         import os
 
         from .compiled import AotStep, CompiledStep, StepBuild
@@ -243,12 +245,13 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         def make_aot():
             return AotStep(self.model, self._new_cache() if scratch else self.cache, self._dev)
 
-        entries = {}
-        for aot in (False, True):
-            try:
-                entries[aot] = self._cache_entry(backend, aot)
-            except Exception:  # noqa: BLE001 - no cache key (e.g. unreadable weights dir): compile without caching
-                entries[aot] = None
+        if entries is None:
+            entries = {}
+            for aot in (False, True):
+                try:
+                    entries[aot] = self._cache_entry(backend, aot)
+                except Exception:  # noqa: BLE001 - no cache key (e.g. unreadable weights dir): compile without caching
+                    entries[aot] = None
         # FMCHAT_AOT=0: torch.compile only (the path before AOTInductor; for A/B measurements)
         use_aot = backend == "inductor" and os.environ.get("FMCHAT_AOT", "1") != "0"
         return StepBuild(make, entries[False], progress, make_aot=make_aot if use_aot else None, aot_entry=entries[True])
@@ -269,7 +272,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
                 self._build, self._step = build, step
                 self.compile_status = self._compiled_status(build)
                 return
-        self._build = self._new_build("auto", scratch=True)
+        self._build = self._new_build("auto", scratch=True, entries={False: build.entry, True: build.aot_entry})
         self._build.idle = self._idle
         self.compile_status = "auto: eager until the compiled step is ready"
         self._build.start()

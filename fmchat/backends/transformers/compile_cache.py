@@ -119,6 +119,9 @@ def machine_fields() -> dict:
 
 
 FORMAT_NAMES = ("bf16", "int8", "int4")
+# The key fields that change with an upgrade, not with what the user runs: an entry differing from a new one only
+# there is superseded (``Entry.prune_superseded``).
+VERSION_FIELDS = ("format", "code", "torch", "transformers", "python", "kernel_choices")
 
 
 def step_key(model: dict, load: dict, compile_options: dict, formats: list[str] | None = None) -> dict:
@@ -197,6 +200,30 @@ class Entry:
         meta = {"key": self.key, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "compile_s": round(compile_s, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         _atomic_write(self.meta_path, json.dumps(meta, indent=1, sort_keys=True, default=str).encode())
+        self.prune_superseded()
+
+    def prune_superseded(self) -> list[Path]:
+        """Remove the entries this one replaces: the same model, load options, compile options and machine, built by
+        another version of fmchat's step code, torch, transformers, Python, the entry format or the kernel choices.
+        Nothing would ever load them again (an upgrade leaves the old step behind: megabytes per model). Entries that
+        differ otherwise (another model, context size, thread count...) are live and stay. Returns the removed dirs."""
+        meta = self.meta() or {}
+        mine = {k: v for k, v in (meta.get("key") or {}).items() if k not in VERSION_FIELDS}
+        removed: list[Path] = []
+        if not mine:
+            return removed
+        for meta_path in self.dir.parent.glob(f"*/{META}"):
+            other = meta_path.parent
+            if other == self.dir:
+                continue
+            try:
+                key = json.loads(meta_path.read_text(encoding="utf-8")).get("key", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(key, dict) and {k: v for k, v in key.items() if k not in VERSION_FIELDS} == mine:
+                shutil.rmtree(other, ignore_errors=True)
+                removed.append(other)
+        return removed
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
