@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -67,23 +68,42 @@ def test_compiled_greedy_matches_eager_float32(tiny_model, eager_ids, kind, monk
     assert int(b.cache.layers[0].seq_lens[0]) == len(s.ledger)  # device fill agrees with the host mirror
 
 
-@pytest.mark.parametrize("arch,extra", [("phi3", {"sliding_window": 24}), ("qwen2", {})])
+# Phi-3.5-mini's kind of configuration: a sliding window longer than any context (262144 there) and LongRoPE, whose
+# rotary factors switch by position (short below original_max_position_embeddings, long from it on: 64 here, which
+# the chat below passes)
+PHI35_LIKE = {
+    "sliding_window": 4096,
+    "original_max_position_embeddings": 64,
+    "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                        "short_factor": [1.0] * 8, "long_factor": [1.0 + i / 2 for i in range(8)]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,extra", [("phi3", {"sliding_window": 24}), ("phi3", PHI35_LIKE), ("qwen2", {})],
+                         ids=["phi3-window", "phi3.5-like", "qwen2"])  # fmt: skip
 def test_compiled_matches_eager_other_archs(tmp_path, smol_tokenizer, arch, extra):
-    """Phi-3 (fused qkv, here with a sliding window shorter than the chat) and Qwen2 (q/k/v biases): the compiled
-    step's in-graph attention gives the eager greedy tokens in float32, across turns and past the window."""
-    model = build_tiny_model(tmp_path / arch, smol_tokenizer, arch, **extra)
+    """Phi-3 (fused qkv, here with a sliding window shorter than the chat), Phi-3 configured like Phi-3.5 (a window
+    longer than the context, LongRoPE) and Qwen2 (q/k/v biases): the compiled step's in-graph attention gives the
+    eager greedy tokens in float32, across turns and past the window."""
+    model = build_tiny_model(tmp_path / arch, smol_tokenizer, arch, **copy.deepcopy(extra))  # (the config edits it)
+    config = json.loads((model / "config.json").read_text())
     eager = _run(_session(model, compile="eager"))
     s = _session(model, compile="on")
     assert s.backend._step is not None, s.backend.compile_status
-    # exported and compiled ahead of time (q/k/v biases); a sliding window shorter than the context takes the
-    # torch.compile step (torch.export cannot bound the window's slice), saying why
+    # exported and compiled ahead of time (q/k/v biases, LongRoPE, a window no shorter than the context); a sliding
+    # window shorter than the context takes the torch.compile step (torch.export cannot bound the window's slice),
+    # saying why
     step, build = s.backend._step, s.backend._build
-    assert step.kind == ("jit" if extra else "aot"), build.aot_error
-    if extra:
+    short_window = extra.get("sliding_window", 10**9) < 512
+    assert step.kind == ("jit" if short_window else "aot"), build.aot_error
+    if short_window:
         assert "sliding window" in build.aot_error and step.direct is not None
     assert _run(s) == eager
-    if extra:
+    if short_window:
         assert len(s.ledger) > 2 * extra["sliding_window"]  # the window really cut keys out
+    if "rope_parameters" in extra:
+        assert config["rope_parameters"]["rope_type"] == "longrope" and config["original_max_position_embeddings"] == 64
+        assert len(s.ledger) > 2 * 64  # decoded past the switch to the long factors
 
 
 def test_compiled_step_then_truncate_and_shift(tiny_model, eager_ids):
