@@ -21,7 +21,7 @@ Where each store is looked for, and the name ``--model`` takes for what it holds
 Vision projectors (``mmproj*``) and the second and later parts of a split GGUF are not listed.
 
 Also here: ``content_digest`` (the identity of a GGUF's bytes, whichever store path reaches them) and
-``gguf_general`` (the ``general.*`` values of a GGUF header) and ``gguf_metadata`` (any header values, one pass).
+``gguf_general`` and ``gguf_metadata`` (values of a GGUF header; from ``fmchat.gguf_header``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ import hashlib
 import json
 import os
 import re
-import struct
 import sys
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from fmchat.gguf_header import gguf_general, gguf_metadata  # noqa: F401 (model_stores.gguf_* stay public names)
 from fmchat.paths import cache_dir
 
 STORES = ("ollama", "lmstudio", "llama.cpp", "hf-cache")
@@ -365,130 +364,3 @@ def content_key(path: Path) -> str:
     """A file-system-safe name for a GGUF's bytes: its ``general.name`` (for people) and 20 hex digits of its sha256."""
     label = re.sub(r"[^\w.-]+", "-", str(gguf_general(path).get("general.name") or "gguf")).strip("-.")[:64] or "gguf"
     return f"{label}-{content_digest(path)[:20]}"
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_MAX_STRING = 1 << 24
-
-
-def _read(f, fmt: str):
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)
-
-
-def _read_string(f, keep: bool = True) -> str | None:
-    (n,) = _read(f, "<Q")
-    if n > _MAX_STRING:
-        raise ValueError("implausible GGUF string")
-    if not keep:
-        f.seek(n, 1)
-        return None
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("truncated GGUF header")
-    return data.decode("utf-8", "replace")
-
-
-def _read_value(f, vtype: int, keep: bool):
-    if vtype == _STRING:
-        return _read_string(f, keep)
-    if vtype in _SCALARS:
-        return _read(f, _SCALARS[vtype])[0]
-    if vtype != _ARRAY:
-        raise ValueError(f"unknown GGUF value type {vtype}")
-    etype, count = _read(f, "<IQ")
-    if etype in _SCALARS:
-        f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
-    else:
-        for _ in range(count):
-            _read_value(f, etype, False)
-    return None
-
-
-def _read_array(f, keep: bool) -> list | None:
-    """A GGUF array value (after its type tag): a list of its items, or None when not ``keep`` (skipped)."""
-    etype, count = _read(f, "<IQ")
-    if etype in _SCALARS:
-        size = struct.calcsize(_SCALARS[etype])
-        if not keep:
-            f.seek(count * size, 1)
-            return None
-        data = f.read(count * size)
-        if len(data) != count * size:
-            raise ValueError("truncated GGUF header")
-        return list(struct.unpack(f"<{count}{_SCALARS[etype][1]}", data))
-    if etype != _STRING:
-        items = [_read_array(f, keep) if etype == _ARRAY else _read_value(f, etype, keep) for _ in range(count)]
-        return items if keep else None
-    # arrays of strings (a vocabulary: 262k of them in Gemma 3) are the bulk of a header: one read per length and
-    # one per string, decoded only when kept
-    read, unpack, items = f.read, struct.Struct("<Q").unpack, []
-    for _ in range(count):
-        head = read(8)
-        if len(head) != 8:
-            raise ValueError("truncated GGUF header")
-        (n,) = unpack(head)
-        if n > _MAX_STRING:
-            raise ValueError("implausible GGUF string")
-        if keep:
-            data = read(n)
-            if len(data) != n:
-                raise ValueError("truncated GGUF header")
-            items.append(data.decode("utf-8", "replace"))
-        else:
-            f.seek(n, 1)
-    return items if keep else None
-
-
-def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, object]:
-    """The values of ``keys`` in a GGUF header (v2/v3, little-endian), read in one pass that stops once every key is
-    seen: strings, numbers, and arrays of them as lists; a key the file lacks is absent. No tensor is touched, and
-    nothing else is parsed into objects (gguf's GGUFReader builds numpy views of every item of every array: seconds
-    for a large vocabulary). Raises ValueError (or OSError) for a file it cannot read."""
-    want, out = set(keys), {}
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError("not a GGUF file")
-        (version,) = _read(f, "<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not read here")
-        _, n_kv = _read(f, "<QQ")
-        for _ in range(n_kv):
-            if want <= out.keys():
-                break
-            key = _read_string(f) or ""
-            (vtype,) = _read(f, "<I")
-            keep = key in want
-            value = _read_array(f, keep) if vtype == _ARRAY else _read_value(f, vtype, keep)
-            if keep:
-                out[key] = value
-    return out
-
-
-def gguf_general(path: Path, want: tuple[str, ...] = ("general.name", "general.architecture")) -> dict[str, object]:
-    """The ``general.*`` scalar and string values of a GGUF header, read until every key in ``want`` is seen;
-    {} for a file that is not a readable GGUF (v2/v3, little-endian)."""
-    out: dict[str, object] = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return {}
-            (version,) = _read(f, "<I")
-            if version not in (2, 3):
-                return {}
-            _, n_kv = _read(f, "<QQ")
-            for _ in range(n_kv):
-                key = _read_string(f) or ""
-                (vtype,) = _read(f, "<I")
-                value = _read_value(f, vtype, key.startswith("general."))
-                if key.startswith("general.") and value is not None:
-                    out[key] = value
-                if all(k in out for k in want):
-                    break
-    except (OSError, ValueError, struct.error):
-        pass
-    return out

@@ -247,13 +247,13 @@ class GGUFFacts:
 
 def gguf_facts(path: Path) -> GGUFFacts:
     """What the choice needs from a GGUF file's metadata (no tensor is touched). Read in one pass of the header
-    (``model_stores.gguf_metadata``: a fraction of a second for Gemma 3's 262k-token vocabulary, where gguf's
+    (``gguf_header.gguf_metadata``: a fraction of a second for Gemma 3's 262k-token vocabulary, where gguf's
     GGUFReader took over 10 s); a header that pass cannot read (a big-endian file) goes to the gguf package."""
-    from fmchat import model_stores
+    from fmchat import gguf_header
 
     keys = ("general.architecture", "tokenizer.chat_template", "tokenizer.ggml.tokens")
     try:
-        meta = model_stores.gguf_metadata(path, keys)
+        meta = gguf_header.gguf_metadata(path, keys)
     except (OSError, ValueError, struct.error):
         from gguf import GGUFReader
 

@@ -130,7 +130,8 @@ def test_leaf_modules_stay_leaves():
     graph = _graph()
     assert graph["fmchat.registry"] <= {"fmchat.errors"}
     assert graph["fmchat.tokens"] == set()
-    assert graph["fmchat.templates"] <= {"fmchat.errors"}  # the config validates --chat-template with it
+    assert graph["fmchat.templates"] <= {"fmchat.errors", "fmchat.gguf_header"}  # the config validates --chat-template with it
+    assert graph["fmchat.gguf_header"] == set()  # GGUF header values, standard library only
     # The engine does not know about the CLI, the app, the store or the service above it.
     for name, deps in graph.items():
         if name.startswith(("fmchat.engine", "fmchat.backends", "fmchat.context")):
