@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import REPO, build_tiny_model
 
 from fmchat.config import RunConfig
 from fmchat.conversation import load_backend
 from fmchat.engine import ChatSession, GenerationConfig, SessionConfig
 
+REPO_SHAPES = REPO / "fmchat" / "shapes"
 TURNS = ["Hello there.", "Tell me about the sea.", "And the mountains?", "Thanks, one more word."]
 
 
@@ -207,3 +208,26 @@ def test_compiled_step_tracks_eager(tiny_model, dtype, quant):
         ids.append(token)
         token = int(eager.argmax())
     assert compared >= 3
+
+
+def test_phi35s_own_config_shrunk_in_bf16_int8_is_compiled_ahead_of_time(tmp_path, smol_tokenizer):
+    """Phi-3.5-mini's shipped config (fmchat/shapes/phi-3.5.json: LongRoPE with its 48 factors, the 262144-token
+    window), shrunk to 2 layers of 384, in its usual load (bf16, int8 weights) takes the ahead-of-time step. LongRoPE's
+    tensor attribute (long_inv_freq) once became an unnamed constant of the head program that no model tensor could
+    be bound to, and the build fell back to torch.compile (seen in bench shape phi-3.5)."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    shape = json.loads((REPO_SHAPES / "phi-3.5.json").read_text())
+    cfg = dict(shape.get("config", shape))
+    cfg.pop("auto_map", None)
+    cfg.update(hidden_size=384, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+               vocab_size=len(smol_tokenizer), bos_token_id=smol_tokenizer.bos_token_id,
+               eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.eos_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Phi3Config(**cfg)).save_pretrained(tmp_path / "phi35")
+    smol_tokenizer.save_pretrained(tmp_path / "phi35")
+    s = _session(tmp_path / "phi35", compile="on", dtype="bfloat16", quant="int8", ctx=1048)
+    step, build = s.backend._step, s.backend._build
+    assert step is not None and step.kind == "aot", (s.backend.compile_status, build.aot_error)
+    s.run_turn(TURNS[0])
+    assert s.messages[-1].stats.decode_path.startswith("compiled (inductor")

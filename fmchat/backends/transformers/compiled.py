@@ -268,6 +268,13 @@ class _LayerProgram(torch.nn.Module):
                           fmc_step=([k], [v], [lens], fill.shape[0]))  # fmt: skip
 
 
+class _NoRotary(torch.nn.Module):
+    """Stands in for the rotary module in ``_HeadProgram``'s layer-less view, where nothing reads its output."""
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_zeros(()), x.new_zeros(())
+
+
 class _HeadProgram(torch.nn.Module):
     """The model after its last layer (final norm, output head, and whatever the architecture does to the logits:
     Gemma's soft-capping, Cohere's scale), traced through the model's own forward on a view of it that has no
@@ -279,6 +286,8 @@ class _HeadProgram(torch.nn.Module):
 
         inner = copy.copy(model.model)  # shallow views: the model itself (shared with the chat) is not changed
         inner._modules = {**model.model._modules, "layers": torch.nn.ModuleList()}
+        if "rotary_emb" in inner._modules:  # unused without layers; its tensor attributes (LongRoPE's long_inv_freq)
+            inner._modules["rotary_emb"] = _NoRotary()  # would become unnamed constants of the package
         outer = copy.copy(model)
         outer._modules = {**model._modules, "model": inner}
         self.m = outer
