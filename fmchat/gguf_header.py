@@ -42,13 +42,7 @@ def _read_value(f, vtype: int, keep: bool):
         return _read(f, _SCALARS[vtype])[0]
     if vtype != _ARRAY:
         raise ValueError(f"unknown GGUF value type {vtype}")
-    etype, count = _read(f, "<IQ")
-    if etype in _SCALARS:
-        f.seek(count * struct.calcsize(_SCALARS[etype]), 1)
-    else:
-        for _ in range(count):
-            _read_value(f, etype, False)
-    return None
+    return _read_array(f, False)  # (arrays are skipped here; gguf_metadata keeps them)
 
 
 def _read_array(f, keep: bool) -> list | None:
