@@ -296,8 +296,15 @@ class _HeadProgram(torch.nn.Module):
         return self.m(inputs_embeds=h, use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
 
+def _tensors(module) -> dict:
+    """Every parameter and buffer of ``module`` by name, tied ones under each of their names."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
 def _layer_signature(layer) -> tuple:
-    named = list(layer.named_parameters(remove_duplicate=False)) + list(layer.named_buffers(remove_duplicate=False))
+    named = _tensors(layer).items()
     return (type(layer), getattr(layer, "attention_type", None), tuple((n, tuple(t.shape), t.dtype) for n, t in named))
 
 
@@ -423,14 +430,9 @@ class AotStep:
     def load(self, path) -> None:
         """Load the package: the head once, the layer program once per layer with that layer's weights."""
 
-        def named(module) -> dict:
-            out = dict(module.named_parameters(remove_duplicate=False))
-            out.update(module.named_buffers(remove_duplicate=False))
-            return out
-
-        self.layers_run = [self._open(path, "layer", {f"layer.{k}": t for k, t in named(layer).items()}).boxed_run
+        self.layers_run = [self._open(path, "layer", {f"layer.{k}": t for k, t in _tensors(layer).items()}).boxed_run
                            for layer in self.layer_modules]  # fmt: skip
-        self.head_run = self._open(path, "head", named(self.head_program))
+        self.head_run = self._open(path, "head", _tensors(self.head_program))
 
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
