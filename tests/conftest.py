@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 # Isolate every platformdirs location (cache, config, data) for the whole test run, before fmchat is imported.
+_OWN_ROOT = not os.environ.get("FMCHAT_TEST_HOME")  # a folder of our own is removed when the run ends
 _ROOT = Path(os.environ.get("FMCHAT_TEST_HOME") or __import__("tempfile").mkdtemp(prefix="fmchat-tests-"))
 for var, sub in (("XDG_CACHE_HOME", "cache"), ("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
     os.environ[var] = str(_ROOT / sub)
@@ -28,6 +29,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # inductor's own cache stays torch's default (per test run) instead of fmchat's cache dir.
 os.environ.setdefault("FMCHAT_AUTO_COMPILE", "0")
 os.environ.setdefault("FMCHAT_INDUCTOR_DIR", "-")
+# ... which is under this run's folder too, so that nothing the run compiled stays on the disk after it
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_ROOT / "inductor"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run's converted models, compiled steps and inductor cache (a GB or more) go with it."""
+    if _OWN_ROOT:
+        __import__("shutil").rmtree(_ROOT, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCRIPT = REPO.parent / "shared" / "bench" / "conversation.json"

@@ -20,7 +20,9 @@ PROMPTS = ["Hello there.", "Tell me about the sea."]
 
 
 def _env(home):
-    return dict(os.environ, FMCHAT_CACHE_DIR=str(home / "cache"), FMCHAT_AUTO_COMPILE="1", PYTHONUNBUFFERED="1")
+    (home / "tmp").mkdir(exist_ok=True)
+    return dict(os.environ, FMCHAT_CACHE_DIR=str(home / "cache"), FMCHAT_AUTO_COMPILE="1", PYTHONUNBUFFERED="1",
+                TMPDIR=str(home / "tmp"))  # fmt: skip
 
 
 def _run(model, home, *extra) -> tuple[list[dict], str]:
@@ -48,10 +50,13 @@ def test_run_compiles_for_the_next_launch_which_decodes_compiled_from_its_first_
     assert meta["key"]["compile"]["backend"] == "aot_inductor" and (entry / AOT_PACKAGE).stat().st_size == meta["bytes"]
 
     second, err = _run(tiny_model, tmp_path)  # the saved package is loaded with the model: compiled from reply one
-    assert all(t["decode_path"].startswith("compiled (inductor, cached, ") for t in second), [t["decode_path"] for t in second]
+    assert all(t["decode_path"].startswith("compiled (inductor AOT, cached, ") for t in second), [t["decode_path"] for t in second]
     assert "compiling" not in err
     assert [t["reply"] for t in second] == [t["reply"] for t in first] == [t["reply"] for t in eager]
     assert len(_saved(tmp_path)) == 1
+    # each load unpacks the package's programs into $TMPDIR; both launches left (os._exit) without a trace there
+    left = sorted(p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith(("aotinductor_", "fmchat-aot")))
+    assert left == []
 
 
 def test_leaving_during_the_compile_exits_cleanly(smol_tokenizer, tmp_path):

@@ -152,7 +152,7 @@ print(json.dumps({{"status": b.decode_path, "ids": ids, "decode": b.decode_statu
 def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corrupt(tiny_model, compile_home, tmp_path):
     eager = _eager(tiny_model)
     first = _session(tiny_model, compile="compiled")
-    assert first.backend.decode_path.startswith("compiled (inductor, "), first.backend.decode_path
+    assert first.backend.decode_path.startswith("compiled (inductor AOT, "), first.backend.decode_path
     assert "cached" not in first.backend.decode_path  # nothing was saved yet
     (entry,) = _entries(compile_home)
     meta = json.loads((entry / "meta.json").read_text())
@@ -164,7 +164,7 @@ def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corru
 
     # the next launch: a new process whose torch caches are empty loads the saved step (a cache hit), same tokens
     again = _subprocess_load(tiny_model, compile_home, tmp_path / "inductor-fresh")
-    assert again["status"].startswith("compiled (inductor, cached, "), again["status"]
+    assert again["status"].startswith("compiled (inductor AOT, cached, "), again["status"]
     assert again["decode"]["cached"] is True and again["ids"] == eager
 
     # a corrupt entry (bytes flipped in the middle): the load notices, compiles afresh, saves a good entry again
@@ -173,7 +173,7 @@ def test_compiled_step_is_saved_loaded_by_the_next_launch_and_rebuilt_when_corru
     (entry / AOT_PACKAGE).write_bytes(bytes(data))
     s = _session(tiny_model, compile="compiled")
     b = s.backend
-    assert b.decode_path.startswith("compiled (inductor, "), b.decode_path
+    assert b.decode_path.startswith("compiled (inductor AOT, "), b.decode_path
     assert "cached" not in b.decode_path
     assert b._build.rebuilt and "checksum" in b._build.rebuilt, b._build.rebuilt
     assert [_reply(s, t) for t in TURNS] == eager

@@ -145,5 +145,5 @@ def test_default_path_second_launch_decodes_its_saved_step_and_equals_eager(defa
     monkeypatch.setenv("FMCHAT_AUTO_COMPILE", "1")  # (the suite's default is 0: small models would each start a compile)
     auto = shared_conversation_float32()
     paths = [row["decode_path"] for row in auto]
-    assert all(p.startswith("compiled (inductor, cached, ") for p in paths), paths
+    assert all(p.startswith("compiled (inductor AOT, cached, ") for p in paths), paths
     assert [row["reply"] for row in auto] == [row["reply"] for row in default_path_rows]
