@@ -9,7 +9,7 @@ moves, so only variants timed side by side are compared). Prints best and median
 VARIANTS_JSON is a list of objects: ``name``; ``quant`` (none/int8/int4); ``icfg``: inductor config overrides
 applied while compiling (e.g. ``{"realize_opcount_threshold": 50}``, inductor's CPU default)
 (they override fmchat's own ``INDUCTOR_OPTIONS`` for that variant); ``dcfg``: Dynamo config overrides;
-``nomat``: trace without the ``kernels_attention::materialize`` op; ``int8param``: int8 weights as frozen
+``nomat``: trace without the realized fp32 copy of the query (``fused._realized_fp32``); ``int8param``: int8 weights as frozen
 parameters instead of buffers; ``llama``: the llama.cpp backend instead. Example (the realize threshold):
 
     python tools/compile_options_ab.py '[{"name": "default-50", "quant": "int8",
@@ -57,14 +57,14 @@ def main() -> None:
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     set_threads(None)
     ctx = max(contexts) + 200
-    materialize = fused.materialize
+    materialize = fused._realized_fp32
     loaded = {}
     for v in variants:
         t0 = time.perf_counter()
         if v.get("llama"):
             loaded[v["name"]] = load_backend(RunConfig(backend="llamacpp", device="cpu", ctx=ctx, threads=torch.get_num_threads()))
             continue
-        fused.materialize = (lambda x: x.float()) if v.get("nomat") else materialize
+        fused._realized_fp32 = (lambda x: x.float()) if v.get("nomat") else materialize
         int8_as_parameters(bool(v.get("int8param")))
         config = RunConfig(device="cpu", dtype="bfloat16", ctx=ctx, quant=v.get("quant", "none"), compile="on")
         saved = dict(compiled.INDUCTOR_OPTIONS)  # the options fmchat passes to torch.compile win over globals
@@ -76,7 +76,7 @@ def main() -> None:
             compiled.INDUCTOR_OPTIONS.clear()
             compiled.INDUCTOR_OPTIONS.update(saved)
         print(f"{v['name']}: loaded in {time.perf_counter() - t0:.1f} s ({b.compile_status})", flush=True)
-    fused.materialize = materialize
+    fused._realized_fp32 = materialize
     int8_as_parameters(False)
     tokenizer = next(b for b in loaded.values() if b.name != "llamacpp").tokenizer
     ids = prompt_ids(tokenizer, max(contexts))

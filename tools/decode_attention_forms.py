@@ -13,7 +13,8 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from fmchat_kernels.attention.fused import decode_attention_fused, materialize
+from fmchat_kernels.attention.fused import _realized_fp32 as materialize
+from fmchat_kernels.attention.fused import decode_attention_fused
 
 LAYERS, HQ, HKV, D, LMAX = 30, 9, 3, 64, 4200
 G = HQ // HKV

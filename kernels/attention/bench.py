@@ -39,6 +39,9 @@ def _time(fn, device: torch.device, warmup: int, iters: int) -> float:
 @functools.cache
 def _fused():
     """``decode_attention_fused`` compiled once per process, with a symbolic length."""
+    from .fused import prepare_compile
+
+    prepare_compile()
     return torch.compile(decode_attention_fused, dynamic=True)
 
 

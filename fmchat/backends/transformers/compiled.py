@@ -32,6 +32,7 @@ import types
 import torch
 
 from fmchat_kernels.attention import decode_attention_fused
+from fmchat_kernels.attention.fused import prepare_compile
 from fmchat_kernels.quant import float_gemv
 
 from .compat import CACHE_ARG
@@ -154,6 +155,7 @@ class CompiledStep:
         # dynamic=True so that the int ``n`` (the fill after this token) is symbolic from the first trace: one graph
         # for every position >= 1. Tensor inputs are marked static above.
         use_decode_linears(model)
+        prepare_compile()
         self.step = _own_step_function()
         self.fn = torch.compile(self.step, backend=backend, fullgraph=True, dynamic=True, **kw)
 
@@ -404,6 +406,7 @@ class AotStep:
         from torch.export import Dim
 
         n = Dim("n", min=2, max=self.max_fill)
+        prepare_compile()
         # Said by torch's trace of transformers' model, about transformers' own code (its output-capturing collector,
         # a torch.jit helper); nothing the user can act on.
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects", category=UserWarning)
