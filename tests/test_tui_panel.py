@@ -254,6 +254,31 @@ async def test_narrow_terminal_collapses_the_panel_to_one_line_and_f3_opens_it(t
         assert not panel.display
 
 
+async def test_the_panel_redraws_only_the_sections_whose_figures_changed(tiny_model):
+    """The panel is derived 5 times a second while a reply streams, on the cores the model decodes on (docs/tui.md):
+    a refresh with nothing new leaves every section as drawn; the next turn redraws what moved (context, KV cache,
+    speed) and leaves what did not (Running)."""
+    app = FmchatApp(settings(tiny_model, max_new_tokens=4), persist=False, save_sessions=False)
+    ids = ("#sec-context", "#sec-kv", "#sec-speed", "#sec-running")  # (not RSS's: it moves by itself)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "Hello")
+        await turn_done(pilot, 1)
+        panel = app.query_one(InferencePanel)
+        panel.show(*panel._source)
+        before = {i: app.query_one(i, Static).content for i in ids}
+        seq_before = drawn(app, "kv")["seq_lens"]
+        for _ in range(3):
+            panel.tick(generating=False, busy=True)  # derived again, nothing changed: nothing redrawn
+        assert all(app.query_one(i, Static).content is before[i] for i in ids)
+        await send(pilot, "And again")
+        await turn_done(pilot, 2)
+        panel.show(*panel._source)
+        redrawn = {i for i in ids if app.query_one(i, Static).content is not before[i]}
+        assert {"#sec-context", "#sec-kv", "#sec-speed"} <= redrawn and "#sec-running" not in redrawn, redrawn
+        assert drawn(app, "kv")["seq_lens"] != seq_before  # and what is drawn is the new figure
+
+
 def test_a_turn_with_no_token_has_no_ttft(tmp_path):
     """A server that streams no text: TTFT is unknown (None in --json, n/a in the line), not 0."""
     from test_backends import Script, json_rows, runner, sse, toy_server

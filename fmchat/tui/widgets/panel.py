@@ -297,6 +297,11 @@ def context_text(s: PanelState) -> str:
     return f"{used} / {size}{pct}"
 
 
+def _key(rows: list[tuple[str, str | Text]]) -> tuple:
+    """What a table of rows shows, comparable: the text and the styles of each value."""
+    return tuple((k, v.plain, tuple(v.spans), str(v.style)) if isinstance(v, Text) else (k, v) for k, v in rows)
+
+
 def _table(rows: list[tuple[str, str | Text]]) -> Table:
     t = Table.grid(padding=(0, 1))
     t.add_column(style="dim", no_wrap=True)
@@ -366,6 +371,7 @@ class InferencePanel(VerticalScroll):
         self._source: tuple = (None, None)  # (conversation, settings) the app last showed
         self._live_rate: float | None = None
         self._ticks = 0
+        self._shown: dict = {}  # what each section was last drawn from (``_put``)
 
     def compose(self):
         yield Static("", id="panel-summary", markup=False)
@@ -469,48 +475,62 @@ class InferencePanel(VerticalScroll):
         return (f"ctx {used}/{size}{pct} · KV {fmt_bytes(s.kv_used_bytes if s.kv_used_bytes is not None else s.kv_bytes)} · {rate}{live}"
                 f" · TTFT {_ms(s.ttft_ms)} · RSS {rss}")  # fmt: skip
 
+    def _put(self, selector: str, key, build) -> None:
+        """Draw ``build()`` into the Static ``selector`` unless what it shows (``key``) is what it shows already:
+        the panel is derived 5 times a second during a reply, and every Static redrawn is a layout and a render on
+        the cores the model decodes on (docs/tui.md)."""
+        if self._shown.get(selector) == key:
+            return
+        self._shown[selector] = key
+        self.query_one(selector, Static).update(build())
+
     def refresh_state(self) -> None:
         s = self.state
-        self.query_one("#panel-summary", Static).update(Text(self.summary()))
-        ctx = Text(context_text(s) + "\n")
-        ctx.append_text(context_bar(s.ctx_used, s.ctx_size))
-        self.query_one("#sec-context", Static).update(ctx)
+        summary = self.summary()
+        self._put("#panel-summary", summary, lambda: Text(summary))
+        context = (context_text(s), s.ctx_used, s.ctx_size)
+
+        def context_section() -> Text:
+            ctx = Text(context_text(s) + "\n")
+            ctx.append_text(context_bar(s.ctx_used, s.ctx_size))
+            return ctx
+
+        self._put("#sec-context", context, context_section)
 
         seq = "[" + ", ".join(str(n) for n in s.seq_lens) + "] tokens" if s.seq_lens else NA
-        self.query_one("#sec-kv", Static).update(
-            _table(
-                [
-                    ("seq_lens", seq),
-                    ("KV size", kv_size_text(s)),
-                    ("reused", NA if s.reused is None else f"{count(s.reused, 'token')} this turn"),
-                    ("prefilled", NA if s.prefilled is None else f"{count(s.prefilled, 'token')} this turn"),
-                    ("last drop", neutralize(s.memory_last) if s.memory_last else "none yet"),
-                ]
-            )
-        )
+        kv = [
+            ("seq_lens", seq),
+            ("KV size", kv_size_text(s)),
+            ("reused", NA if s.reused is None else f"{count(s.reused, 'token')} this turn"),
+            ("prefilled", NA if s.prefilled is None else f"{count(s.prefilled, 'token')} this turn"),
+            ("last drop", neutralize(s.memory_last) if s.memory_last else "none yet"),
+        ]
+        self._put("#sec-kv", _key(kv), lambda: _table(kv))
 
         live = _rate(s.live_tok_s, s.rate_unit) + (" (live)" if s.generating and s.live_tok_s is not None else "")
-        self.query_one("#sec-speed", Static).update(
-            _table([("decode", live), ("TTFT", _ms(s.ttft_ms)), ("prefill", _rate(s.prefill_tok_s))])
-        )
-        self.query_one("#spark", Sparkline).data = list(s.decode_history)
+        speed = [("decode", live), ("TTFT", _ms(s.ttft_ms)), ("prefill", _rate(s.prefill_tok_s))]
+        self._put("#sec-speed", _key(speed), lambda: _table(speed))
+        history = list(s.decode_history)
+        if self._shown.get("#spark") != history:
+            self._shown["#spark"] = history
+            self.query_one("#spark", Sparkline).data = history
 
         masked = "masked MiB"
         rss = masked if self.mask_volatile and s.rss_mb is not None else _mib(s.rss_mb)
         peak = masked if self.mask_volatile and s.peak_rss_mb is not None else _mib(s.peak_rss_mb)
-        self.query_one("#sec-memory", Static).update(
-            _table(
-                [
-                    ("RSS", rss),
-                    ("peak RSS", peak),
-                    ("weights", fmt_bytes(s.weights_bytes)),
-                    ("KV cache", fmt_bytes(s.kv_bytes)),
-                    ("GPU", _mib(s.gpu_mem_mb)),
-                ]
-            )
-        )
-        running = self.query_one("#sec-running", Static)
-        running.update(running_table(self.running_rows()))
+        memory = [
+            ("RSS", rss),
+            ("peak RSS", peak),
+            ("weights", fmt_bytes(s.weights_bytes)),
+            ("KV cache", fmt_bytes(s.kv_bytes)),
+            ("GPU", _mib(s.gpu_mem_mb)),
+        ]
+        self._put("#sec-memory", _key(memory), lambda: _table(memory))
+        rows = self.running_rows()
+        self._put("#sec-running", _key(rows), lambda: running_table(rows))
         detail = s.running.decode_detail
         shown = mask_decode(detail) if self.mask_volatile else detail
-        running.tooltip = f"decode: {neutralize(shown)}" if detail else None
+        tooltip = f"decode: {neutralize(shown)}" if detail else None
+        if self._shown.get("tooltip") != tooltip:
+            self._shown["tooltip"] = tooltip
+            self.query_one("#sec-running", Static).tooltip = tooltip
