@@ -6,7 +6,7 @@ templates and the model stores both read headers through it."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -40,9 +40,7 @@ def _read_value(f, vtype: int, keep: bool):
         return _read_string(f, keep)
     if vtype in _SCALARS:
         return _read(f, _SCALARS[vtype])[0]
-    if vtype != _ARRAY:
-        raise ValueError(f"unknown GGUF value type {vtype}")
-    return _read_array(f, False)  # (arrays are skipped here; gguf_metadata keeps them)
+    raise ValueError(f"unknown GGUF value type {vtype}")  # (arrays go through _read_array)
 
 
 def _read_array(f, keep: bool) -> list | None:
@@ -80,12 +78,10 @@ def _read_array(f, keep: bool) -> list | None:
     return items if keep else None
 
 
-def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, object]:
-    """The values of ``keys`` in a GGUF header (v2/v3, little-endian), read in one pass that stops once every key is
-    seen: strings, numbers, and arrays of them as lists; a key the file lacks is absent. No tensor is touched, and
-    nothing else is parsed into objects (gguf's GGUFReader builds numpy views of every item of every array: seconds
-    for a large vocabulary). Raises ValueError (or OSError) for a file it cannot read."""
-    want, out = set(keys), {}
+def _walk(path: Path, keep: Callable[[str], bool], done: Callable[[], bool], arrays: bool):
+    """The ``(key, value)`` pairs of a GGUF header (v2/v3, little-endian) whose key ``keep`` accepts, in file order,
+    until ``done()`` (asked before each item) or the header ends; other values are skipped unparsed, arrays too
+    unless ``arrays``. Raises ValueError (or OSError) for a file it cannot read."""
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError("not a GGUF file")
@@ -94,14 +90,25 @@ def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, object]:
             raise ValueError(f"GGUF version {version} is not read here")
         _, n_kv = _read(f, "<QQ")
         for _ in range(n_kv):
-            if want <= out.keys():
-                break
+            if done():
+                return
             key = _read_string(f) or ""
             (vtype,) = _read(f, "<I")
-            keep = key in want
-            value = _read_array(f, keep) if vtype == _ARRAY else _read_value(f, vtype, keep)
-            if keep:
-                out[key] = value
+            kept = keep(key)
+            value = _read_array(f, kept and arrays) if vtype == _ARRAY else _read_value(f, vtype, kept)
+            if kept and value is not None:
+                yield key, value
+
+
+def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, object]:
+    """The values of ``keys`` in a GGUF header (v2/v3, little-endian), read in one pass that stops once every key is
+    seen: strings, numbers, and arrays of them as lists; a key the file lacks is absent. No tensor is touched, and
+    nothing else is parsed into objects (gguf's GGUFReader builds numpy views of every item of every array: seconds
+    for a large vocabulary). Raises ValueError (or OSError) for a file it cannot read."""
+    want: set[str] = set(keys)
+    out: dict[str, object] = {}
+    for key, value in _walk(path, want.__contains__, lambda: want <= out.keys(), arrays=True):
+        out[key] = value
     return out
 
 
@@ -110,21 +117,9 @@ def gguf_general(path: Path, want: tuple[str, ...] = ("general.name", "general.a
     {} for a file that is not a readable GGUF (v2/v3, little-endian)."""
     out: dict[str, object] = {}
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return {}
-            (version,) = _read(f, "<I")
-            if version not in (2, 3):
-                return {}
-            _, n_kv = _read(f, "<QQ")
-            for _ in range(n_kv):
-                key = _read_string(f) or ""
-                (vtype,) = _read(f, "<I")
-                value = _read_value(f, vtype, key.startswith("general."))
-                if key.startswith("general.") and value is not None:
-                    out[key] = value
-                if all(k in out for k in want):
-                    break
+        general = _walk(path, lambda k: k.startswith("general."), lambda: all(k in out for k in want), arrays=False)
+        for key, value in general:
+            out[key] = value
     except (OSError, ValueError, struct.error):
         pass
     return out

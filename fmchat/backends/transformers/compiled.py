@@ -347,8 +347,8 @@ class AotStep:
     eager), the layers in turn (~2 us of call overhead each), the head. The same traced
     computation as ``CompiledStep`` (``step_attention``, ``DecodeLinear``, the int8 GEMVs)."""
 
-    # in the decode path string, "compiled (inductor AOT, ...)": the torch.compile fallback says "compiled (inductor, ...)"
-    # (without a visible difference a 3.8B bench run once took the fallback unnoticed)
+    # in the decode path string, "compiled (inductor AOT, ...)"; the torch.compile fallback says "compiled (inductor,
+    # ...)" (without a visible difference a 3.8B bench run once took the fallback unnoticed)
     backend = "inductor AOT"
     kind = "aot"
 
