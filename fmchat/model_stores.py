@@ -21,7 +21,8 @@ Where each store is looked for, and the name ``--model`` takes for what it holds
 Vision projectors (``mmproj*``) and the second and later parts of a split GGUF are not listed.
 
 Also here: ``content_digest`` (the identity of a GGUF's bytes, whichever store path reaches them) and
-``gguf_general`` and ``gguf_metadata`` (values of a GGUF header; from ``fmchat.gguf_header``).
+``gguf_general`` (the ``general.*`` values of a GGUF header; from ``fmchat.gguf_header``, which also has
+``gguf_metadata``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmchat.gguf_header import gguf_general, gguf_metadata  # noqa: F401 (model_stores.gguf_* stay public names)
+from fmchat.gguf_header import gguf_general
 from fmchat.paths import cache_dir
 
 STORES = ("ollama", "lmstudio", "llama.cpp", "hf-cache")
