@@ -11,6 +11,7 @@ inside the whole model's graph; ``fmchat bench kernels`` also times it compiled 
 from __future__ import annotations
 
 import torch
+from torch._prims_common import make_contiguous_strides_for  # (loaded with torch already)
 
 
 _FORCE_STRIDE_ORDER = None  # prims.inductor_force_stride_order, once ``prepare_compile()`` has registered it
@@ -34,11 +35,7 @@ def _realized_fp32(q: torch.Tensor) -> torch.Tensor:
     AOTInductor program, through its proxy executor): 0.4-0.5 ms of a 11.7 ms SmolLM2-135M step (docs/decode.md).
     Not prepared (or eagerly), a plain copy."""
     if _FORCE_STRIDE_ORDER is not None and torch.compiler.is_compiling():
-        strides, step = [], 1
-        for size in reversed(q.shape):  # contiguous
-            strides.insert(0, step)
-            step *= size
-        return _FORCE_STRIDE_ORDER(q.float(), strides)
+        return _FORCE_STRIDE_ORDER(q.float(), list(make_contiguous_strides_for(q.shape)))
     return q.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
