@@ -488,14 +488,14 @@ class InferencePanel(VerticalScroll):
         s = self.state
         summary = self.summary()
         self._put("#panel-summary", summary, lambda: Text(summary))
-        context = (context_text(s), s.ctx_used, s.ctx_size)
+        used = context_text(s)
 
         def context_section() -> Text:
-            ctx = Text(context_text(s) + "\n")
+            ctx = Text(used + "\n")
             ctx.append_text(context_bar(s.ctx_used, s.ctx_size))
             return ctx
 
-        self._put("#sec-context", context, context_section)
+        self._put("#sec-context", (used, s.ctx_used, s.ctx_size), context_section)
 
         seq = "[" + ", ".join(str(n) for n in s.seq_lens) + "] tokens" if s.seq_lens else NA
         kv = [
