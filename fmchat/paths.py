@@ -27,3 +27,8 @@ def data_dir() -> Path:
 def compiled_dir() -> Path:
     """Compiled decode steps, one entry per model, load options and machine (rebuildable)."""
     return cache_dir() / "compiled"
+
+
+def quantized_dir() -> Path:
+    """Quantized weights kept from the first load of each model and scheme (rebuildable)."""
+    return cache_dir() / "quantized"

@@ -163,17 +163,32 @@ def budget(weights: int, file_bytes: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def peaks(tmp_path_factory) -> tuple[int, dict, dict]:
+def peaks(tmp_path_factory) -> tuple[int, dict, dict, Path]:
     model = build_model(tmp_path_factory.mktemp("load-memory"))
     old = as_bin(model, tmp_path_factory.mktemp("load-memory-bin"))
     file_bytes = (model / "model.safetensors").stat().st_size
     results = probe([(str(model), q, d) for q, d, _ in CASES] + [(str(old), "int8", "auto")])
-    return file_bytes, dict(zip(CASES, results[:-1], strict=True)), results[-1]
+    return file_bytes, dict(zip(CASES, results[:-1], strict=True)), results[-1], model
+
+
+INTEGER = ("int8", "int4", "log8")
+
+
+def test_the_next_load_maps_the_kept_codes_within_the_same_budget(peaks):
+    """The streamed integer loads above kept their codes (quant_store.py): loaded again, each maps them, in budget,
+    with the same weights."""
+    file_bytes, results, _, model = peaks
+    again = probe([(str(model), q, "auto") for q in INTEGER])
+    for q, r in zip(INTEGER, again, strict=True):
+        assert "error" not in r, r.get("error")
+        assert r["how"] == "stored", q
+        assert r["weights"] == results[(q, "auto", "streamed")]["weights"], q
+        assert r["peak"] <= budget(r["weights"], file_bytes), (q, r["peak"] / MIB)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{q}-{d}" for q, d, _ in CASES])
 def test_peak_rss_while_loading_stays_near_the_final_weights(peaks, case):
-    file_bytes, results, _ = peaks
+    file_bytes, results, _, _ = peaks
     r = results[case]
     assert "error" not in r, r.get("error")
     assert r["how"] == case[2]
@@ -188,7 +203,7 @@ def test_peak_rss_while_loading_stays_near_the_final_weights(peaks, case):
 
 def test_the_previous_way_of_loading_is_over_that_budget(peaks):
     """The yardstick: the same int8 load the previous way (the float32 model, then quantized) breaks the bound."""
-    file_bytes, results, full = peaks
+    file_bytes, results, full, _ = peaks
     assert "error" not in full, full.get("error")
     assert full["how"] == "full (no safetensors weights)"
     streamed = results[("int8", "auto", "streamed")]

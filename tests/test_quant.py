@@ -329,6 +329,25 @@ def test_streamed_quantization_equals_quantizing_the_float32_model(bf16_models, 
     per_tensor = [f for s, f in steps if s.startswith(f"loading and quantizing weights ({scheme})")]
     n = len({id(p) for p in AutoModelForCausalLM.from_pretrained(str(path)).parameters()})
     assert len(per_tensor) == n and per_tensor == sorted(per_tensor) and per_tensor[-1] == 1.0
+    assert [f for s, f in steps if s.startswith(f"keeping the {scheme} weights for the next launch")][-1:] == [1.0]
+
+    # the next load maps the codes the first one kept (quant_store.py): the same tensors, settings, ties and logits
+    steps.clear()
+    again = load_backend(config, progress=lambda s, f: steps.append((s, f)))
+    assert again.weights_load == "stored"
+    assert not [s for s, f in steps if s.startswith("loading and quantizing")]
+    assert [f for s, f in steps if s.startswith(f"mapping the {scheme} weights kept")][-1:] == [1.0]
+    _same_weights(again.model, ref)
+    stored = again.quant_report
+    assert (stored.quantized, stored.skipped, stored.bytes_before) == (report.quantized, report.skipped, report.bytes_before)
+    if arch == "llama":
+        assert again.model.lm_head is again.model.model.embed_tokens.store
+    for (name, m), m2 in zip(b.model.named_modules(), again.model.modules()):
+        if isinstance(m, kq.QuantizedLinear):  # compute dtype, int4's packed layout: as the quantizing load set them
+            assert (m.compute_dtype, getattr(m, "layout", None)) == (m2.compute_dtype, getattr(m2, "layout", None)), name
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, b.model(ids).logits)
 
 
 @pytest.mark.parametrize(("arch", "quant", "dtype", "how"), [

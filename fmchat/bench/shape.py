@@ -247,6 +247,7 @@ def worker(args: dict) -> dict:
         "weights_bytes": backend.weights_bytes(),
         "kv_bytes_per_token": round(kv_per_token) if kv_per_token is not None else None,
         "load_s": round(load_s, 2),
+        "weights_load": getattr(backend, "weights_load", None),  # loading.py: "mapped", "streamed", "stored", ...
         "warmup_s": round(warmup_s, 2),
         "rss_before_load_bytes": rss_before,
         "rss_loaded_bytes": rss_loaded,
@@ -427,7 +428,8 @@ def print_tables(result: dict) -> None:
     for r in result["rows"]:
         t.add_row(r["row"] + (" (as llama)" if r.get("as_llama") else ""), fmt_bytes(r["weights_bytes"]),
                   report.num(r["kv_bytes_per_token"], ",") + (" B" if r["kv_bytes_per_token"] is not None else ""),
-                  report.num(r["load_s"], ".2f"), report.num(r.get("warmup_s"), ".2f"), _gib(r["peak_rss_load_bytes"]),
+                  report.num(r["load_s"], ".2f") + (f" {r['weights_load']}" if r.get("weights_load") else ""),
+                  report.num(r.get("warmup_s"), ".2f"), _gib(r["peak_rss_load_bytes"]),
                   _gib(r["peak_rss_bytes"]),
                   report.num(r["ttft_ms"], ".0f"), *[report.num(r["decode_tok_s"].get(str(c)), ".2f") for c in ctxs],
                   r["decode_path"])  # fmt: skip
@@ -444,7 +446,9 @@ def print_tables(result: dict) -> None:
           f"{s['kv_bytes_per_token_bf16']:,} B; llama.cpp: its f16 cache (both: the bytes per cached position, whatever is allocated for the window)")  # fmt: skip
     rss = (f"peak RSS: the row's own process (VmHWM), during the load and over the whole run, including the interpreter "
            f"and torch ({_mib_range([r['rss_before_load_bytes'] for r in result['rows']])} before the load); "
-           f"load: load_backend() wall time, libraries already imported")  # fmt: skip
+           f"load: load_backend() wall time, libraries already imported; how the weights arrived: mapped (the file's "
+           f"pages), streamed (converted or quantized as read; an integer scheme's codes are then kept), stored (the "
+           f"codes an earlier load kept, mapped)")  # fmt: skip
     notes = [kv, rss]
     notes.append("warm-up: the first 8 tokens and 2 steps after the load, not counted in TTFT or tok/s; a backend that "
                  "maps its weights file (llama.cpp always) reads the weights then, not during the load")  # fmt: skip

@@ -35,6 +35,8 @@ class Int4Linear(QuantizedLinear):
         n, k = weight.shape
         layout = "cpu" if (weight.device.type == "cpu" and HAS_INT4_CPU) else "nibble"
         m = cls(k, n, bias, compute_dtype, group_size, layout, device=weight.device)
+        if weight.device.type == "meta":  # the layer's structure only (shapes, dtypes), no values to compute
+            return m
         with torch.no_grad():
             for rows in row_chunks(n, k):  # whole 64-row blocks: the CPU packing packs each block on its own
                 r = rows.stop - rows.start

@@ -25,6 +25,8 @@ class Int8Linear(QuantizedLinear):
     def from_weight(cls, weight: torch.Tensor, bias=None, compute_dtype=torch.bfloat16) -> Int8Linear:
         n, k = weight.shape
         m = cls(k, n, bias, compute_dtype, device=weight.device)
+        if weight.device.type == "meta":  # the layer's structure only (shapes, dtypes), no values to compute
+            return m
         with torch.no_grad():
             for rows in row_chunks(n, k):  # float32 copies of one chunk at a time (any input dtype)
                 w = weight[rows].detach().float()

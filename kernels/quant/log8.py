@@ -47,6 +47,8 @@ class Log8Linear(QuantizedLinear):
     def from_weight(cls, weight, bias=None, compute_dtype=torch.float32) -> Log8Linear:
         n, k = weight.shape
         m = cls(k, n, bias, compute_dtype, device=weight.device)
+        if weight.device.type == "meta":  # the layer's structure only (shapes, dtypes), no values to compute
+            return m
         cols = torch.arange(0, k, max(1, k // LOG8_SEARCH_COLS), device=weight.device)
         with torch.no_grad():
             for rows in row_chunks(n, k):  # float32 copies of one chunk of rows at a time

@@ -125,7 +125,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
                               kernel=self.kernel, device=self._dev, progress=progress)  # fmt: skip
         self.model = loaded.model
         self.quant_report = loaded.quant_report  # what quantize_model did (kernels/quant), when a scheme was applied
-        self.weights_load = loaded.how  # "mapped", "streamed" or "full (why)"
+        self.weights_load = loaded.how  # "mapped", "streamed", "stored" or "full (why)"
         self._cache_cls = DynamicCache
 
         self.model_name = source.name

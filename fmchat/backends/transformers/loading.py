@@ -1,6 +1,6 @@
 """Loading a model's weights within a memory budget: the peak while loading stays near the final weights.
 
-Three ways, chosen per load (``Loaded.how`` says which):
+Four ways, chosen per load (``Loaded.how`` says which):
 
 * **mapped** — no conversion is needed (``--quant none``/``bf16``/``fp16`` and every float tensor of the checkpoint
   already has the dtype asked for, e.g. a bf16 checkpoint or a converted GGUF at the default dtype):
@@ -13,6 +13,8 @@ Three ways, chosen per load (``Loaded.how`` says which):
   quantized as it arrives by ``fmchat_kernels.quant.quantize_model(..., fetch=...)``, and its read buffer dropped
   before the next tensor is read. Peak = the final weights + about one tensor as read + the quantizer's per-chunk
   float32 temporaries (``QUANT_CHUNK_ELEMS``).
+* **stored** — an integer scheme on the CPU whose codes an earlier streamed load kept (``quant_store.py``): the
+  quantized structure is built on the meta device and the kept file's tensors mapped copy-on-write into it.
 * **full** — a checkpoint the streamed path cannot map one to one onto the model (``.bin`` files, keys transformers
   renames or fuses, a pre-quantized checkpoint): ``from_pretrained`` as before (integer schemes: at float32, then
   quantized in place), so the peak is that of a float32 model.
@@ -72,11 +74,12 @@ class Checkpoint:
     def __init__(self, files: list[Path]):
         self.files = files
         self.entries: dict[str, _Entry] = {}
+        self.metadata: dict[str, str] = {}  # the files' ``__metadata__`` (string to string)
         for i, path in enumerate(files):
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
+            self.metadata.update(header.pop("__metadata__", None) or {})
             for name, e in header.items():
                 b, end = e["data_offsets"]
                 self.entries[name] = _Entry(i, _DTYPES.get(e["dtype"]), tuple(e["shape"]), 8 + n + b, 8 + n + end)
@@ -305,9 +308,20 @@ def load_weights(
             if why is None:
                 ckpt.load_buffers(model)
                 if integer:
+                    from . import quant_store
+
+                    store = quant_store.entry(weights, quant, dtype, device)
+                    if store is not None and store.exists():
+                        report = quant_store.load(model, store, quant, dtype, progress)
+                        if report is not None:
+                            return Loaded(model.eval(), report, "stored")
+                        model = _skeleton(weights, torch.float32, kernel)  # the failed try changed the structure
+                        ckpt.load_buffers(model)
                     fetch = lambda name: ckpt.read(keys[name])
                     report = quantize_model(model, quant, rest_dtype=dtype, device=device, progress=progress,
                                             fetch=fetch)  # fmt: skip
+                    if store is not None:
+                        quant_store.save(model, store, progress)
                     return Loaded(model.to(device).eval(), report, "streamed")
                 _stream_cast(model, ckpt, keys, device, progress)
                 release_freed_memory()
