@@ -120,6 +120,77 @@ def test_model_formats_and_shapes():
     assert select.model_formats_and_shapes(m) == (["int8", "bf16"], [(64, 256), (128, 64)])
 
 
+def test_large_models_choose_the_compiled_int8_kernel_per_weight_shape(tmp_path, monkeypatch):
+    """Large class, compiled: each int8 weight shape gets the kernel measured on that shape (once; then the file
+    answers), over the format's own choice; a new shape is measured alone; eager loads and small models do not
+    measure shapes."""
+    calls, shapes = [], []
+    monkeypatch.setattr(select, "_measure", _fake_measure(calls))
+
+    def per_shape(fmt, shape, options, say):
+        shapes.append(shape)
+        return ("int8pack" if shape[1] > 2 * shape[0] else "fused"), {"fused": 2.0, "int8pack": 1.0}
+
+    monkeypatch.setattr(select, "_measure_one_row_shape", per_shape)
+    path = tmp_path / "k.json"
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(96, 64), (64, 192), (96, 64)]})
+    assert shapes == [(64, 192), (96, 64)]
+    assert select.one_row("int8", compiled=True, shape=(64, 192)) == "int8pack"
+    assert select.one_row("int8", compiled=True, shape=(96, 64)) == "fused"
+    assert select.one_row("int8", compiled=True) == "int8pack"  # the format's own (the fake measured that)
+    assert select.one_row("int8", compiled=False, shape=(64, 192)) == "int8pack"  # eager: the eager choice
+    key = select.current_choices()
+    assert key["int8"]["one_row_compiled_by_shape"] == {"64x192": "int8pack", "96x64": "fused"}  # in the step's key
+    select.reset()
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(96, 64), (64, 192)]})
+    assert len(shapes) == 2 and select.current_choices() == key  # read back, not measured again
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(64, 192), (32, 512)]})
+    assert shapes[2:] == [(32, 512)]
+    select.reset()
+    select.ensure(tmp_path / "small.json", ("int8",), compiled=True, cls="small", shapes_by_format={"int8": [(8, 999)]})
+    select.ensure(tmp_path / "eager.json", ("int8",), compiled=False, cls="large", shapes_by_format={"int8": [(8, 999)]})
+    assert len(shapes) == 3
+
+
+def test_the_per_shape_measurement_and_the_shapes_a_model_multiplies_by():
+    """The real per-shape measurement (two compiles of a small weight), and which shapes a model's int8 products
+    have: an embedding's store only when it is also the output head."""
+    choice, times = select._measure_one_row_shape("int8", (128, 256), None, lambda m: None)
+    assert choice in select.ONE_ROW[("int8", True)] and set(times) == {"fused", "int8pack"} and min(times.values()) > 0
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    for tied in (False, True):
+        cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(cfg)
+        kq.quantize_model(model, "int8", rest_dtype=torch.bfloat16)
+        _, _, by = select._formats_and_shapes(model)
+        assert ((320, 64) in by["int8"]) == tied and (128, 64) in by["int8"] and (64, 128) in by["int8"]
+
+
+def test_compiled_int8_layer_follows_its_shape_s_choice():
+    n, k = 192, 128
+    layer = kq.Int8Linear.from_weight(_w(n, k), compute_dtype=torch.bfloat16)
+    x = _x(1, k)
+    want = x.double() @ layer.dequantize().double().t()
+    for by_shape, opaque in (({"192x128": "int8pack"}, True), ({"128x192": "int8pack"}, False)):
+        select.use({"int8": {"one_row_compiled": "fused", "one_row_compiled_by_shape": by_shape}})
+        graphs = []
+
+        def backend(gm, inputs, graphs=graphs):
+            graphs.append(str(gm.graph))
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, inputs)
+
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            got = torch.compile(lambda v: layer(v), backend=backend, fullgraph=True, dynamic=False)(x)
+        _close(got, want)
+        assert ("kernels_quant.int8pack_mm" in graphs[0]) == opaque, graphs[0]
+    assert "int8pack for 128x192" in select.describe(["int8"])
+
+
 def test_prefill_crossover_is_remeasured_when_noise_makes_it_inconsistent():
     t = {"packed@4": 1, "float@4": 2, "packed@8": 2, "float@8": 1, "packed@16": 4, "float@16": 2, "packed@64": 16,
          "float@64": 8, "packed@256": 64, "float@256": 65}  # fmt: skip

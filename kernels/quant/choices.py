@@ -26,7 +26,7 @@ PREFILL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULTS = {
     "bf16": {"one_row_eager": "linear", "one_row_compiled": "fused"},
     "int8": {"one_row_eager": "int8pack", "one_row_compiled": "fused", "prefill": "packed", "prefill_min_rows": None,
-             "chunk_rows": None},
+             "chunk_rows": None, "one_row_compiled_by_shape": {}},
     "int4": {"one_row_eager": "int4pack", "one_row_compiled": "int4pack", "prefill": "packed",
              "prefill_min_rows": None, "chunk_rows": None},
 }  # fmt: skip
@@ -58,9 +58,22 @@ def use(choices: dict) -> None:
 
 
 # ---------------------------------------------------------------- what the layers read
-def one_row(fmt: str, compiled: bool) -> str:
-    """The kernel for a one-row product of a ``fmt`` weight (eager or inside the compiled step)."""
-    return _STATE["choices"][fmt]["one_row_compiled" if compiled else "one_row_eager"]
+BY_SHAPE = "one_row_compiled_by_shape"  # int8, large models: {"NxK": candidate}, measured per weight shape
+
+
+def shape_key(shape: tuple[int, int]) -> str:
+    return f"{int(shape[0])}x{int(shape[1])}"
+
+
+def one_row(fmt: str, compiled: bool, shape: tuple[int, int] | None = None) -> str:
+    """The kernel for a one-row product of a ``fmt`` weight (eager or inside the compiled step); ``shape`` ``(N, K)``:
+    that weight's own measured choice inside the compiled step, where there is one."""
+    c = _STATE["choices"][fmt]
+    if compiled and shape is not None:
+        own = c.get(BY_SHAPE, {}).get(shape_key(shape))
+        if own is not None:
+            return own
+    return c["one_row_compiled" if compiled else "one_row_eager"]
 
 
 def prefill_plan(fmt: str, rows: int) -> tuple[int, torch.dtype] | None:
@@ -107,6 +120,9 @@ def describe(formats: Iterable[str] | None = None) -> str:
         if c is None:
             continue
         s = f"{fmt}: 1 row {c['one_row_eager']} (eager) / {c['one_row_compiled']} (compiled)"
+        own = {k: v for k, v in c.get(BY_SHAPE, {}).items() if v != c["one_row_compiled"]}
+        if own:
+            s += " but " + ", ".join(f"{v} for {k}" for k, v in sorted(own.items()))
         if fmt != "bf16":
             pc = c.get("prefill_min_rows")
             if c.get("prefill") in PREFILL_DTYPES and pc is not None:
@@ -131,6 +147,9 @@ def _valid(fmt: str, rec, compiled: bool) -> bool:
     if rec.get("one_row_compiled") not in ONE_ROW[(fmt, True)]:
         return False
     if compiled and not rec.get("compiled_measured"):
+        return False
+    by = rec.get(BY_SHAPE, {})
+    if not isinstance(by, dict) or any(v not in ONE_ROW[(fmt, True)] for v in by.values()):
         return False
     if fmt != "bf16":
         chunk = rec.get("chunk_rows")

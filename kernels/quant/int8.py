@@ -40,7 +40,8 @@ class Int8Linear(QuantizedLinear):
         if HAS_INT8_MM and (x2.device.type == "cpu" or self._cuda_op_ok(x2)):
             if torch.compiler.is_dynamo_compiling():  # traced (is_compiling() holds in all threads while one compiles)
                 # one row (a decode step): the kernel measured fastest on this machine (select.py)
-                if x2.shape[0] == 1 and choices.one_row("int8", compiled=True) == "fused":
+                shape = (self.out_features, self.in_features)
+                if x2.shape[0] == 1 and choices.one_row("int8", compiled=True, shape=shape) == "fused":
                     return int8_gemv(x2, self.weight_int8, self.scales)
                 return torch.ops.kernels_quant.int8pack_mm(x2, self.weight_int8, s)  # s: folded once under freezing
             if x2.device.type == "cpu":

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import choices
 from .choices import (  # the layers' side, re-exported: select is the one module callers need
     _STATE,
+    BY_SHAPE,
     DEFAULTS,
     FORMATS,
     ONE_ROW,
@@ -59,6 +60,7 @@ from .choices import (  # the layers' side, re-exported: select is the one modul
     prefill_chunk,
     prefill_plan,
     reset,
+    shape_key,
     use,
 )
 from .common import HAS_INT4_CPU, HAS_INT8_MM
@@ -116,11 +118,13 @@ def ensure(
     cls: str | None = None,
     compile_options: dict | None = None,
     log: Callable[[str], None] | None = None,
+    shapes_by_format: dict[str, list[tuple[int, int]]] | None = None,
 ) -> dict:
     """Set the module-level choices for ``formats``: from ``cache_path`` (JSON) when it holds an entry for this
     torch, CPU capability, thread count and shape class (``cls``, else derived from ``shapes``, the model's
     [N, K] weights), else measured now (``compiled``: also the candidates of the compiled step, compiled with
-    ``compile_options``) and written back. ``cache_path`` None: measure and keep nothing. An unreadable or corrupt
+    ``compile_options``) and written back. In the classes of ``PER_SHAPE_CLASSES``, the compiled one-row int8
+    kernel is also chosen per weight shape of ``shapes_by_format`` (each shape measured once, then cached). ``cache_path`` None: measure and keep nothing. An unreadable or corrupt
     file is measured over, never an error; a file that cannot be written is only logged. Returns
     :func:`current_choices`. Formats other than bf16/int8/int4 are ignored. The choices are one per format for the
     process (the last call's shape class wins). Call it after setting the thread count and before compiling any
@@ -133,6 +137,7 @@ def ensure(
         return current_choices()
     cls = cls or shape_class(shapes)
     key = cache_key(cls)
+    by_format = shapes_by_format or {}
     formats = [f for f in dict.fromkeys(formats) if f in FORMATS]
     data = _read(cache_path, say)
     entry = data["entries"].setdefault(key, {})
@@ -149,6 +154,18 @@ def ensure(
             sources.add("measured")
         else:
             sources.add("cached")
+        if compiled and cls in PER_SHAPE_CLASSES and BY_SHAPE in DEFAULTS[fmt]:
+            todo = [sh for sh in sorted(set(by_format.get(fmt, ()))) if shape_key(sh) not in rec.get(BY_SHAPE, {})]
+            for sh in todo:
+                t0 = time.perf_counter()
+                choice, times = _measure_one_row_shape(fmt, sh, compile_options, say)
+                rec.setdefault(BY_SHAPE, {})[shape_key(sh)] = choice
+                rec.setdefault(BY_SHAPE + "_us", {})[shape_key(sh)] = times
+                say(f"kernel selection: {fmt} {shape_key(sh)} one row compiled: {choice} "
+                    f"({', '.join(f'{k} {v:.0f} us' for k, v in times.items())}; {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+            if todo:
+                changed = True
+                sources.add("measured")
         _STATE["choices"][fmt] = {k: rec[k] for k in DEFAULTS[fmt] if k in rec} | {
             k: v for k, v in DEFAULTS[fmt].items() if k not in rec}  # fmt: skip
         _STATE["details"][fmt] = {k: v for k, v in rec.items() if k not in DEFAULTS[fmt]}
@@ -164,7 +181,18 @@ def ensure(
 def model_formats_and_shapes(model: torch.nn.Module) -> tuple[list[str], list[tuple[int, int]]]:
     """The formats of ``model``'s weight products (``int8``/``int4`` quantized layers; ``bf16`` for bf16/fp16
     ``nn.Linear``s, e.g. an output head kept unquantized) and their [N, K] shapes."""
-    formats, shapes = [], []
+    return _formats_and_shapes(model)[:2]
+
+
+def _formats_and_shapes(model: torch.nn.Module):
+    """(formats, every [N, K], {format: the [N, K] of its weight products}): an embedding's store counts in the last
+    only when it is also the output head (otherwise it is read by rows, never multiplied)."""
+    from .embedding import QuantizedEmbedding
+
+    rows_only = {id(m.store) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows_only.discard(id(head))
+    formats, shapes, by_format = [], [], {}
     for m in model.modules():
         fmt = None
         if getattr(m, "scheme", None) in ("int8", "int4") and hasattr(m, "out_features"):
@@ -174,15 +202,18 @@ def model_formats_and_shapes(model: torch.nn.Module) -> tuple[list[str], list[tu
         if fmt is not None:
             formats.append(fmt)
             shapes.append((int(m.out_features), int(m.in_features)))
-    return list(dict.fromkeys(formats)), shapes
+            if id(m) not in rows_only:
+                by_format.setdefault(fmt, []).append(shapes[-1])
+    return list(dict.fromkeys(formats)), shapes, by_format
 
 
 def ensure_for_model(model: torch.nn.Module, cache_path, *, compiled: bool = False, compile_options: dict | None = None,
                      log: Callable[[str], None] | None = None) -> dict:
-    """:func:`ensure` for the formats and the shape class of ``model``'s weights (call after quantizing it, before
-    compiling its decode step)."""
-    formats, shapes = model_formats_and_shapes(model)
-    return ensure(cache_path, formats, compiled=compiled, shapes=shapes, compile_options=compile_options, log=log)
+    """:func:`ensure` for the formats, the shape class and the weight shapes of ``model``'s weights (call after
+    quantizing it, before compiling its decode step)."""
+    formats, shapes, by_format = _formats_and_shapes(model)
+    return ensure(cache_path, formats, compiled=compiled, shapes=shapes, compile_options=compile_options, log=log,
+                  shapes_by_format=by_format)  # fmt: skip
 
 
 def _read(path, say) -> dict:
@@ -341,6 +372,28 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
     rec["prefill_shape"] = [PREFILL_N[cls], k]
     rec.update(_measure_prefill(small, small_packed, wb[: PREFILL_N[cls]], k))
     return rec
+
+
+# Shape classes whose compiled int8 one-row kernel is chosen per weight shape. Measured on the Phi-3.5 shape (AVX512,
+# 2 threads, docs/quant.md): the fused loop streams the K=3072 weights faster than the packed kernel (qkv 1.31 vs
+# 1.47 ms, gate_up 2.36 vs 2.72) but the K=8192 down projection at half the speed (2.39 vs 1.07 ms), so one choice per
+# format cost ~40 ms a token either way. Small models keep one choice per format: their weights sit in the caches,
+# and each shape measured costs two compiles at the first launch.
+PER_SHAPE_CLASSES = ("large",)
+
+
+@torch.inference_mode()
+def _measure_one_row_shape(fmt: str, shape: tuple[int, int], options: dict | None, say) -> tuple[str, dict]:
+    """The compiled one-row candidates of ``fmt`` (int8) on a weight of ``shape``, as ``_measure`` times them."""
+    n, k = shape
+    layer = Int8Linear.from_weight(_weight(n, k), compute_dtype=torch.bfloat16)
+    x1 = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    fused = _compiled(layer, lambda m, x: int8_gemv(x, m.weight_int8, m.scales), options)
+    packed = _compiled(layer, lambda m, x: torch.ops.kernels_quant.int8pack_mm(x, m.weight_int8, m.scales.to(x.dtype)), options)
+    fused(x1)
+    packed(x1)
+    t = _best_times({"fused": lambda: fused(x1), "int8pack": lambda: packed(x1)}, 15)
+    return _pick(t, DEFAULTS[fmt]["one_row_compiled"]), _us(t)
 
 
 def _float_wins(t: dict[str, float], m: int) -> bool:

@@ -9,7 +9,8 @@ later load maps that file copy-on-write (its pages are the tensors, as for a bf1
 An entry is ``<cache dir>/quantized/<key digest>/`` with ``weights.safetensors`` (a plain safetensors file: any
 safetensors reader opens it) and ``meta.json`` (the key in clear, the file's size), written last: an entry without
 it does not count. The key holds the weights files (name, size, mtime, and the config), the scheme, the dtype, the
-device, this format, a hash of ``fmchat_kernels.quant``'s code and the torch version (int4's CPU layout is torch's).
+device, this format, a hash of the quantizer's code (``QUANTIZER_FILES``) and the torch version (int4's CPU layout
+is torch's).
 
 Loading rebuilds the quantized model's structure with ``quantize_model`` itself, on the meta device (which layers
 are quantized, the tied head, the embedding store: the same code as a fresh quantization, so the two cannot drift),
@@ -52,15 +53,20 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _PLAIN = (bool, int, float, str, type(None), torch.dtype)
 
 
+# The files of ``fmchat_kernels.quant`` that decide the codes and the modules holding them (not the kernels that
+# multiply by them, nor their selection: a change there must not cost a 3.8B model its kept codes).
+QUANTIZER_FILES = ("common.py", "embedding.py", "int4.py", "int8.py", "log8.py", "model.py")
+
+
 @functools.cache
 def _quantizer_hash() -> str:
-    """``fmchat_kernels.quant``'s code: a change there may change the codes."""
+    """The quantizer's code (``QUANTIZER_FILES``): a change there may change the codes."""
     import fmchat_kernels.quant as q
 
     h = hashlib.sha256()
-    for f in sorted(Path(q.__file__).parent.glob("*.py")):
+    for name in QUANTIZER_FILES:
         with contextlib.suppress(OSError):
-            h.update(f.name.encode() + f.read_bytes())
+            h.update(name.encode() + (Path(q.__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
 
 
