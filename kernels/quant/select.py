@@ -124,8 +124,9 @@ def ensure(
     torch, CPU capability, thread count and shape class (``cls``, else derived from ``shapes``, the model's
     [N, K] weights), else measured now (``compiled``: also the candidates of the compiled step, compiled with
     ``compile_options``) and written back. In the classes of ``PER_SHAPE_CLASSES``, the compiled one-row int8
-    kernel is also chosen per weight shape of ``shapes_by_format`` (each shape measured once, then cached). ``cache_path`` None: measure and keep nothing. An unreadable or corrupt
-    file is measured over, never an error; a file that cannot be written is only logged. Returns
+    kernel is also chosen per weight shape of ``shapes_by_format`` (each shape measured once, then cached).
+    ``cache_path`` None: measure and keep nothing. An unreadable or corrupt file is measured over, never an error; a
+    file that cannot be written is only logged. Returns
     :func:`current_choices`. Formats other than bf16/int8/int4 are ignored. The choices are one per format for the
     process (the last call's shape class wins). Call it after setting the thread count and before compiling any
     step: a trace reads the choices, and a trace in another thread during this call could read them half-updated."""
