@@ -17,6 +17,8 @@ The choices (module-level, set once at load, before any compile) are read by the
   or ``linear`` (``F.linear``: inductor's prepacked GEMM); int8 ``fused`` (``int8_gemv``) or ``int8pack`` (the packed
   kernel as an opaque op); int4 ``int4pack`` (opaque op; a fused loop decoding the nibbles was ~20x slower under the
   step's inductor options, which realize the decoded weight into a buffer, so it is not a candidate). Candidates that exist only compiled are measured compiled (with the caller's inductor options);
+  in a large model the int8 one is also measured on each of its weight shapes (``one_row(fmt, True, shape)``: the
+  fused loop can win at one shape and lose by 2x at another of the same model);
 * many rows, eager (``prefill_plan(fmt, rows)``): int8/int4 ``packed`` (the packed kernel), or ``bf16`` / ``fp32``
   (cast a chunk of weight rows to that dtype and use its GEMM; int8 keeps its codes exact and scales the output)
   from ``prefill_min_rows`` rows on, ``chunk_rows`` weight rows at a time (0: all at once); all measured.
