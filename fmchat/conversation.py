@@ -61,9 +61,7 @@ def describe_load(backend: Backend) -> str:
     """One line saying what was loaded, how, and how long it took."""
     r = backend.load_report
     how = "converted GGUF to safetensors, then loaded" if r.converted else "loaded"
-    quant = backend.quant
-    if getattr(backend, "weights_load", None) == "stored":  # quant_store.py: the codes of an earlier load, mapped
-        quant += " (codes kept from the first load)"
+    quant = backend.quant + (" (codes kept from the first load)" if r.kept_codes else "")
     return (f"{how} {backend.model_name} ({backend.name}, {backend.device}, {backend.dtype}, quant {quant}, "
             f"kernel {backend.kernel}, decode {backend.decode_path}) in {r.seconds:.2f} s")  # fmt: skip
 

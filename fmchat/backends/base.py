@@ -50,6 +50,7 @@ class LoadReport:
     seconds: float
     converted: bool  # a GGUF was converted to safetensors during this load
     weights_dir: str
+    kept_codes: bool = False  # quantized weights an earlier load kept, mapped (transformers: quant_store.py)
 
 
 @dataclass

@@ -247,7 +247,8 @@ def worker(args: dict) -> dict:
         "weights_bytes": backend.weights_bytes(),
         "kv_bytes_per_token": round(kv_per_token) if kv_per_token is not None else None,
         "load_s": round(load_s, 2),
-        "weights_load": getattr(backend, "weights_load", None),  # loading.py: "mapped", "streamed", "stored", ...
+        # loading.py: "mapped", "streamed", "stored", ... (llama.cpp maps its file: nothing to say)
+        "weights_load": backend.weights_load if args["kind"] != "llamacpp" else None,
         "warmup_s": round(warmup_s, 2),
         "rss_before_load_bytes": rss_before,
         "rss_loaded_bytes": rss_loaded,

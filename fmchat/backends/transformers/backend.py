@@ -148,7 +148,7 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
             self._compile_step(self._decode_choice, progress)
         elif self._eager_reason and "FMCHAT_AUTO_COMPILE" not in self._eager_reason:
             self.compile_status = f"eager ({self._eager_reason})"  # (switched off by the variable: plain "eager")
-        self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights))
+        self.load_report = LoadReport(time.perf_counter() - t0, converted, str(weights), loaded.how == "stored")
         progress("ready", 1.0)
 
     # ---------------------------------------------------------------- helpers

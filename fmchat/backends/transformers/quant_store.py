@@ -41,7 +41,7 @@ from fmchat import paths
 
 from ..base import ProgressFn
 from . import compile_cache
-from .loading import _DTYPES, Checkpoint
+from .checkpoint import _DTYPES, Checkpoint
 
 FORMAT = 1  # bump when the file's layout or metadata changes
 FILE = "weights.safetensors"
