@@ -8,9 +8,9 @@ later load maps that file copy-on-write (its pages are the tensors, as for a bf1
 
 An entry is ``<cache dir>/quantized/<key digest>/`` with ``weights.safetensors`` (a plain safetensors file: any
 safetensors reader opens it) and ``meta.json`` (the key in clear, the file's size), written last: an entry without
-it does not count. The key holds the weights files (name, size, mtime, and the config), the scheme, the dtype, the
-device, this format, a hash of the quantizer's code (``QUANTIZER_FILES``) and the torch version (int4's CPU layout
-is torch's).
+it does not count. The key holds the weights' folder and files (name, size, mtime, and the config), the scheme, the
+dtype, the device, this format, a hash of the quantizer's code (``QUANTIZER_FILES``) and the torch version (int4's
+CPU layout is torch's).
 
 Loading rebuilds the quantized model's structure with ``quantize_model`` itself, on the meta device (which layers
 are quantized, the tied head, the embedding store: the same code as a fresh quantization, so the two cannot drift),
@@ -77,7 +77,9 @@ def entry(weights: Path, quant: str, dtype: torch.dtype, device: str) -> compile
         return None
     key = {
         "format": FORMAT,
-        "model": compile_cache.weights_fingerprint(Path(weights)),
+        # the folder too: the fingerprint is the files' names, sizes and times, which a copy made with its times kept
+        # shares with another model's (a wrong entry here would load silently: nothing checks codes against weights)
+        "model": {"dir": str(Path(weights).resolve()), **compile_cache.weights_fingerprint(Path(weights))},
         "quant": quant,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
