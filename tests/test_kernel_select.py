@@ -121,35 +121,37 @@ def test_model_formats_and_shapes():
 
 
 def test_large_models_choose_the_compiled_int8_kernel_per_weight_shape(tmp_path, monkeypatch):
-    """Large class, compiled: each int8 weight shape gets the kernel measured on that shape (once; then the file
-    answers), over the format's own choice; a new shape is measured alone; eager loads and small models do not
-    measure shapes."""
+    """Large class, compiled: each int8 weight shape too large for the caches gets the kernel measured on that shape
+    (once; then the file answers), over the format's own choice; a new shape is measured alone; smaller shapes,
+    eager loads and small models measure none."""
     calls, shapes = [], []
     monkeypatch.setattr(select, "_measure", _fake_measure(calls))
 
     def per_shape(fmt, shape, options, say):
         shapes.append(shape)
-        return ("int8pack" if shape[1] > 2 * shape[0] else "fused"), {"fused": 2.0, "int8pack": 1.0}
+        return ("int8pack" if shape[1] > shape[0] else "fused"), {"fused": 2.0, "int8pack": 1.0}
 
     monkeypatch.setattr(select, "_measure_one_row_shape", per_shape)
     path = tmp_path / "k.json"
-    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(96, 64), (64, 192), (96, 64)]})
-    assert shapes == [(64, 192), (96, 64)]
-    assert select.one_row("int8", compiled=True, shape=(64, 192)) == "int8pack"
-    assert select.one_row("int8", compiled=True, shape=(96, 64)) == "fused"
-    assert select.one_row("int8", compiled=True) == "int8pack"  # the format's own (the fake measured that)
-    assert select.one_row("int8", compiled=False, shape=(64, 192)) == "int8pack"  # eager: the eager choice
+    wide, tall, tiny = (1024, 4096), (4096, 1024), (64, 192)  # 8 MiB, 8 MiB and 24 KiB at bf16
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [tall, wide, tall, tiny]})
+    assert shapes == [wide, tall]
+    assert select.one_row("int8", compiled=True, shape=wide) == "int8pack"
+    assert select.one_row("int8", compiled=True, shape=tall) == "fused"
+    assert select.one_row("int8", compiled=True, shape=tiny) == "int8pack"  # the format's own (the fake measured that)
+    assert select.one_row("int8", compiled=False, shape=wide) == "int8pack"  # eager: the eager choice
     key = select.current_choices()
-    assert key["int8"]["one_row_compiled_by_shape"] == {"64x192": "int8pack", "96x64": "fused"}  # in the step's key
+    assert key["int8"]["one_row_compiled_by_shape"] == {"1024x4096": "int8pack", "4096x1024": "fused"}  # in the key
     select.reset()
-    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(96, 64), (64, 192)]})
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [tall, wide]})
     assert len(shapes) == 2 and select.current_choices() == key  # read back, not measured again
-    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [(64, 192), (32, 512)]})
-    assert shapes[2:] == [(32, 512)]
+    select.ensure(path, ("int8",), compiled=True, cls="large", shapes_by_format={"int8": [wide, (2048, 2048)]})
+    assert shapes[2:] == [(2048, 2048)]
     select.reset()
-    select.ensure(tmp_path / "small.json", ("int8",), compiled=True, cls="small", shapes_by_format={"int8": [(8, 999)]})
-    select.ensure(tmp_path / "eager.json", ("int8",), compiled=False, cls="large", shapes_by_format={"int8": [(8, 999)]})
+    select.ensure(tmp_path / "small.json", ("int8",), compiled=True, cls="small", shapes_by_format={"int8": [wide]})
+    select.ensure(tmp_path / "eager.json", ("int8",), compiled=False, cls="large", shapes_by_format={"int8": [wide]})
     assert len(shapes) == 3
+    assert select.DEFAULTS["int8"]["one_row_compiled_by_shape"] == {}  # the defaults themselves never grow
 
 
 def test_the_per_shape_measurement_and_the_shapes_a_model_multiplies_by():
@@ -173,7 +175,7 @@ def test_compiled_int8_layer_follows_its_shape_s_choice():
     layer = kq.Int8Linear.from_weight(_w(n, k), compute_dtype=torch.bfloat16)
     x = _x(1, k)
     want = x.double() @ layer.dequantize().double().t()
-    for by_shape, opaque in (({"192x128": "int8pack"}, True), ({"128x192": "int8pack"}, False)):
+    for by_shape, opaque in (({"192x128": "int8pack"}, True), ({"128x192": "int8pack"}, False)):  # (set by hand)
         select.use({"int8": {"one_row_compiled": "fused", "one_row_compiled_by_shape": by_shape}})
         graphs = []
 

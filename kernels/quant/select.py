@@ -32,6 +32,7 @@ package: the layers read it without an import circle.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -126,7 +127,8 @@ def ensure(
     torch, CPU capability, thread count and shape class (``cls``, else derived from ``shapes``, the model's
     [N, K] weights), else measured now (``compiled``: also the candidates of the compiled step, compiled with
     ``compile_options``) and written back. In the classes of ``PER_SHAPE_CLASSES``, the compiled one-row int8
-    kernel is also chosen per weight shape of ``shapes_by_format`` (each shape measured once, then cached).
+    kernel is also chosen per weight shape of ``shapes_by_format`` that does not fit in the caches (each shape
+    measured once, then cached).
     ``cache_path`` None: measure and keep nothing. An unreadable or corrupt file is measured over, never an error; a
     file that cannot be written is only logged. Returns
     :func:`current_choices`. Formats other than bf16/int8/int4 are ignored. The choices are one per format for the
@@ -158,19 +160,21 @@ def ensure(
         else:
             sources.add("cached")
         if compiled and cls in PER_SHAPE_CLASSES and BY_SHAPE in DEFAULTS[fmt]:
-            todo = [sh for sh in sorted(set(by_format.get(fmt, ()))) if shape_key(sh) not in rec.get(BY_SHAPE, {})]
+            # new dicts, never the ones in hand: a record built from DEFAULTS would share (and grow) the default's
+            by, by_us = dict(rec.get(BY_SHAPE) or {}), dict(rec.get(BY_SHAPE + "_us") or {})
+            todo = [sh for sh in sorted(set(by_format.get(fmt, ()))) if shape_key(sh) not in by and _streamed(sh)]
             for sh in todo:
                 t0 = time.perf_counter()
                 choice, times = _measure_one_row_shape(fmt, sh, compile_options, say)
-                rec.setdefault(BY_SHAPE, {})[shape_key(sh)] = choice
-                rec.setdefault(BY_SHAPE + "_us", {})[shape_key(sh)] = times
+                by[shape_key(sh)], by_us[shape_key(sh)] = choice, times
                 say(f"kernel selection: {fmt} {shape_key(sh)} one row compiled: {choice} "
                     f"({', '.join(f'{k} {v:.0f} us' for k, v in times.items())}; {time.perf_counter() - t0:.1f} s)")  # fmt: skip
             if todo:
+                rec[BY_SHAPE], rec[BY_SHAPE + "_us"] = by, by_us
                 changed = True
                 sources.add("measured")
-        _STATE["choices"][fmt] = {k: rec[k] for k in DEFAULTS[fmt] if k in rec} | {
-            k: v for k, v in DEFAULTS[fmt].items() if k not in rec}  # fmt: skip
+        _STATE["choices"][fmt] = copy.deepcopy({k: rec[k] for k in DEFAULTS[fmt] if k in rec} | {
+            k: v for k, v in DEFAULTS[fmt].items() if k not in rec})  # fmt: skip
         _STATE["details"][fmt] = {k: v for k, v in rec.items() if k not in DEFAULTS[fmt]}
     if not formats:  # nothing of ours to choose for (e.g. a float32 model): the state is left as it was
         return current_choices()
@@ -312,7 +316,8 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
     n, k = SHAPES[cls]
     w = _weight(n, k)
     x1 = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    rec: dict = {**DEFAULTS[fmt], "shape": [n, k], "threads": torch.get_num_threads(), "compiled_measured": compiled}
+    rec: dict = {**copy.deepcopy(DEFAULTS[fmt]), "shape": [n, k], "threads": torch.get_num_threads(),
+                 "compiled_measured": compiled}  # fmt: skip
     wb = w.to(torch.bfloat16)
     lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
     lin.weight.data = wb
@@ -383,6 +388,13 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
 # format cost ~40 ms a token either way. Small models keep one choice per format: their weights sit in the caches,
 # and each shape measured costs two compiles at the first launch.
 PER_SHAPE_CLASSES = ("large",)
+
+
+def _streamed(shape: tuple[int, int]) -> bool:
+    """A weight too large for the caches (``SMALL_BYTES`` at bf16): one whose kernel is chosen on its own shape. The
+    smaller ones follow the format's choice (a test model's 64x64 matrices, in the large class only because of its
+    49k-row embedding, would each cost two compiles)."""
+    return int(shape[0]) * int(shape[1]) * 2 >= SMALL_BYTES
 
 
 @torch.inference_mode()
