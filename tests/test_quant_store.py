@@ -30,7 +30,13 @@ def run(model, quant: str):
 
 
 def entries(quant: str) -> list:
-    return sorted((quant_store.paths.quantized_dir()).glob("*/" + quant_store.FILE))
+    """The kept files of ``quant`` entries (an entry's meta.json holds its key in clear)."""
+    found = []
+    for path in sorted(quant_store.paths.quantized_dir().glob("*/" + quant_store.FILE)):
+        meta = json.loads((path.parent / "meta.json").read_text())
+        if meta["key"]["quant"] == quant:
+            found.append(path)
+    return found
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

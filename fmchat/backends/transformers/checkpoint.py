@@ -52,6 +52,7 @@ class Checkpoint:
                 self.entries[name] = _Entry(i, _DTYPES.get(e["dtype"]), tuple(e["shape"]), 8 + n + b, 8 + n + end)
         self._handles: dict[int, object] = {}
         self._stage: torch.Tensor | None = None
+        self._maps: dict[int, torch.UntypedStorage] = {}
 
     @classmethod
     def find(cls, weights: Path) -> Checkpoint | None:
@@ -86,11 +87,26 @@ class Checkpoint:
             done += got
         return out.view(e.dtype).reshape(e.shape)
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a view of its file mapped copy-on-write (``UntypedStorage.from_file(shared=False)``: the
+        file's pages, resident once touched, no copy; one mapping per file, kept by the views)."""
+        e = self.entries[name]
+        if e.dtype is None:
+            raise ValueError(f"'{name}' has a dtype this reader does not know")
+        storage = self._maps.get(e.file)
+        if storage is None:
+            path = self.files[e.file]
+            storage = self._maps[e.file] = torch.UntypedStorage.from_file(str(path), shared=False,
+                                                                          nbytes=path.stat().st_size)  # fmt: skip
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, e.start, (e.end - e.start,), (1,))
+        return raw.view(e.dtype).reshape(e.shape)
+
     def close(self) -> None:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
         self._stage = None
+        self._maps.clear()  # (views handed out keep their mapping)
 
     def plan(self, model: nn.Module) -> dict[str, str] | str:
         """Which checkpoint key holds each parameter of the skeleton ``model`` (named as ``model.named_parameters()``
@@ -124,3 +140,27 @@ class Checkpoint:
             if name in self.entries and self.entries[name].shape == tuple(buf.shape):
                 with torch.no_grad():
                     buf.copy_(self.read(name))
+
+
+def tensor_holders(model: nn.Module, buffers: bool = False) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """Each parameter (and, with ``buffers``, each buffer) of ``model`` by id, with every ``(module, "_parameters" or
+    "_buffers", attribute)`` that holds it (tied weights: several). Replace a tensor everywhere with ``put``."""
+    holders: dict[int, list] = {}
+    for mod in model.modules():
+        for kind in ("_parameters", "_buffers") if buffers else ("_parameters",):
+            for attr, t in getattr(mod, kind).items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append((mod, kind, attr))
+    return holders
+
+
+def put(holders: list[tuple[nn.Module, str, str]], t: torch.Tensor, requires_grad: bool = False) -> None:
+    """Make ``t`` the tensor of every holder (a parameter where a parameter was, a buffer where a buffer was)."""
+    param = None
+    for mod, kind, attr in holders:
+        if kind == "_parameters":
+            if param is None:
+                param = nn.Parameter(t, requires_grad=requires_grad)
+            mod._parameters[attr] = param
+        else:
+            mod._buffers[attr] = t

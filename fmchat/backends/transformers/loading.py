@@ -38,7 +38,7 @@ from fmchat_kernels.quant.model import release_freed_memory
 
 from ..base import ProgressFn
 from . import quant_store
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, put, tensor_holders
 from .gguf import counted_tensor_loop
 
 
@@ -111,15 +111,10 @@ def _from_pretrained(weights: Path, dtype: torch.dtype, kernel: str, progress: P
         return AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype, attn_implementation=kernel)
 
 
-def _parameter_holders(model: nn.Module) -> tuple[dict[int, list], dict[int, str]]:
-    """Each parameter (by id) with every ``(module, attribute, parameter)`` that holds it (tied weights: several), and
-    its name in ``named_parameters()``."""
-    holders: dict[int, list] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                holders.setdefault(id(p), []).append((mod, attr, p))
-    return holders, {id(p): name for name, p in model.named_parameters()}
+def _parameter_holders(model: nn.Module) -> tuple[dict[int, list], dict[int, torch.nn.Parameter], dict[int, str]]:
+    """``tensor_holders`` of the parameters, each parameter by id, and its name in ``named_parameters()``."""
+    params = dict(model.named_parameters())
+    return tensor_holders(model), {id(p): p for p in params.values()}, {id(p): name for name, p in params.items()}
 
 
 def _map_into_skeleton(weights: Path, ckpt: Checkpoint, dtype: torch.dtype, kernel: str, progress: ProgressFn,
@@ -136,41 +131,32 @@ def _map_into_skeleton(weights: Path, ckpt: Checkpoint, dtype: torch.dtype, kern
     if _why_not_plan(model, keys, False, dtype) is not None:
         return None
     assert isinstance(keys, dict)
-    holders, names = _parameter_holders(model)
-    storages: dict[int, torch.UntypedStorage] = {}
+    holders, params, names = _parameter_holders(model)
     tensors = []
-    for group in holders.values():
-        p = group[0][2]
-        e = ckpt.entries[keys[names[id(p)]]]
+    for pid, group in holders.items():
+        p = params[pid]
+        e = ckpt.entries[keys[names[pid]]]
         if e.dtype != p.dtype or e.start % max(1, p.element_size()):
             return None
-        if e.file not in storages:
-            path = ckpt.files[e.file]
-            storages[e.file] = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-        raw = torch.empty(0, dtype=torch.uint8).set_(storages[e.file], e.start, (e.end - e.start,), (1,))
-        tensors.append((group, raw.view(e.dtype).reshape(e.shape)))
+        tensors.append((group, ckpt.mapped(keys[names[pid]]), p.requires_grad))
     ckpt.load_buffers(model)
     n = len(tensors)
-    for i, (group, t) in enumerate(tensors, 1):
-        new = nn.Parameter(t, requires_grad=group[0][2].requires_grad)
-        for mod, attr, _ in group:
-            mod._parameters[attr] = new
+    for i, (group, t, requires_grad) in enumerate(tensors, 1):
+        put(group, t, requires_grad)
         progress(f"{label}: {i}/{n} tensors", i / n)
     return model
 
 
 def _stream_cast(model: nn.Module, ckpt: Checkpoint, keys: dict[str, str], device: str, progress: ProgressFn) -> None:
     """Load every (meta) parameter of the skeleton at its own dtype, one tensor at a time."""
-    holders, names = _parameter_holders(model)
+    holders, params, names = _parameter_holders(model)
     n = len(holders)
-    for i, group in enumerate(holders.values(), 1):
-        p = group[0][2]
+    for i, (pid, group) in enumerate(holders.items(), 1):
+        p = params[pid]
         # straight to the dtype, as from_pretrained converts; a copy, since the read is a view of the staging buffer
-        t = ckpt.read(keys[names[id(p)]]).to(device=device, dtype=p.dtype, copy=True)
-        new = nn.Parameter(t, requires_grad=p.requires_grad and t.is_floating_point())
-        for mod, attr, _ in group:
-            mod._parameters[attr] = new
-        del t, new
+        t = ckpt.read(keys[names[pid]]).to(device=device, dtype=p.dtype, copy=True)
+        put(group, t, p.requires_grad and t.is_floating_point())
+        del t
         progress(f"loading weights ({str(p.dtype).removeprefix('torch.')}): {i}/{n} tensors", i / n)
 
 

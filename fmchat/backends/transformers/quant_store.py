@@ -41,7 +41,7 @@ from fmchat import paths
 
 from ..base import ProgressFn
 from . import compile_cache
-from .checkpoint import _DTYPES, Checkpoint
+from .checkpoint import _DTYPES, Checkpoint, put, tensor_holders
 
 FORMAT = 1  # bump when the file's layout or metadata changes
 FILE = "weights.safetensors"
@@ -223,27 +223,16 @@ def load(model: nn.Module, store: compile_cache.Entry, quant: str, dtype: torch.
             report = quantize_model(model, quant, rest_dtype=dtype, device="meta",
                                     fetch=lambda name: torch.empty(shapes[name], device="meta"))  # fmt: skip
             _restore_settings(model, info.get("modules", {}))
-            holders: dict[int, list] = {}
-            for mod in model.modules():
-                for kind in ("_parameters", "_buffers"):
-                    for attr, t in getattr(mod, kind).items():
-                        if t is not None:
-                            holders.setdefault(id(t), []).append((mod, kind, attr))
+            holders = tensor_holders(model, buffers=True)
             wanted = {name: t for name, t in _tensors(model).items() if t.device.type == "meta"}
             missing = [n for n in wanted if n not in ckpt.entries]
             if missing:
                 raise ValueError(f"the file has no tensor '{missing[0]}'")
-            storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
             for i, (name, t) in enumerate(wanted.items(), 1):
                 e = ckpt.entries[name]
                 if e.dtype is None or e.shape != tuple(t.shape) or e.start % ALIGN:
                     raise ValueError(f"'{name}' does not fit the model")
-                raw = torch.empty(0, dtype=torch.uint8).set_(storage, e.start, (e.end - e.start,), (1,))
-                view = raw.view(e.dtype).reshape(e.shape)
-                for mod, kind, attr in holders[id(t)]:
-                    getattr(mod, kind)[attr] = (
-                        nn.Parameter(view, requires_grad=False) if kind == "_parameters" else view
-                    )
+                put(holders[id(t)], ckpt.mapped(name))
                 progress(
                     f"mapping the {quant} weights kept at the first load: {i}/{len(wanted)} tensors", i / len(wanted)
                 )
