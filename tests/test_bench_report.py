@@ -37,6 +37,21 @@ def test_header_fields():
     json.dumps(h)  # plain JSON values only
 
 
+def test_a_capped_instruction_set_is_said_with_what_the_cpu_has(monkeypatch, capsys):
+    """ATEN_CPU_CAPABILITY (and oneDNN's / MKL's caps) make an AVX-512 machine run the AVX2 code paths: the header
+    says so beside the capability torch reports, and says nothing when no cap is set."""
+    for var in report.ISA_CAPS:
+        monkeypatch.delenv(var, raising=False)
+    assert report.begin("bench test").header["cpu_isa_cap"] is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    run = report.begin("bench test", argv=["fmchat", "bench", "test"])
+    has = "AVX512" if torch.cpu._is_avx512_supported() else "AVX2" if torch.cpu._is_avx2_supported() else "n/a"
+    assert run.header["cpu_isa_cap"] == f"capped by ONEDNN_MAX_CPU_ISA=AVX2; the CPU has {has}"
+    report.emit(run, {}, False, lambda: None)
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert f"cpu isa  {isa} (capped by ONEDNN_MAX_CPU_ISA=AVX2; the CPU has {has}) · threads" in capsys.readouterr().out
+
+
 def test_commit_is_na_outside_a_git_checkout(tmp_path):
     (tmp_path / "__init__.py").write_text("")
     assert report.fmchat_commit(tmp_path) == "n/a"
@@ -59,7 +74,7 @@ class _ScriptedSession:
     """Just what bench turns drives: configure, reset, run_turn -> .stats, messages[-1].token_ids, config, backend."""
 
     def __init__(self):
-        self.backend = SimpleNamespace(model_name="stub", name="stub", device="cpu", dtype="float32")
+        self.backend = SimpleNamespace(model_name="stub", name="stub", device="cpu", dtype="float32", decode_path="eager")  # fmt: skip
         self.config = SimpleNamespace(kv_cache=True, gen=SimpleNamespace(max_new_tokens=4))
         self.reset()
 
@@ -77,7 +92,7 @@ class _ScriptedSession:
         stats = SimpleNamespace(prompt_tokens=prompt, ctx_used=prompt + 4, ttft_ms=1.0 + (prompt - reused) / 10,
                                 reused_tokens=reused, prefilled_tokens=prompt - reused, decode_tok_s=None)  # fmt: skip
         self.messages.append(SimpleNamespace(token_ids=[1, 2, self.n]))
-        return SimpleNamespace(stats=stats)
+        return SimpleNamespace(stats=stats, reply=f"reply {self.n}")
 
 
 TURNS_KEYS = ["model", "backend", "device", "dtype", "max_new_tokens", "turns", "identical", "identical_turns",
@@ -97,6 +112,8 @@ def test_bench_turns_json_is_the_header_plus_its_old_keys(capsys):
     assert out == json.loads(json.dumps(res))
     assert out["header"]["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     assert out["identical"] is True and len(out["turns"]) == 3 and out["turns"][2]["reused_on"] == 20
+    assert [t["reply"] for t in out["turns"]] == ["reply 1", "reply 2", "reply 3"]  # the cache-on pass's replies
+    assert out["header"]["decode_path"] == "eager"
 
     bench_turns(_ScriptedSession(), ["a", "b"], json_out=False)
     text = capsys.readouterr().out

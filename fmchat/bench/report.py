@@ -77,6 +77,24 @@ def cpu_isa() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+# Variables that cap the instruction set of torch's CPU kernels (ATen's dispatch and inductor's generated code), of
+# oneDNN's and of MKL's below what the CPU has: an AVX-512 machine then runs the AVX2 code paths.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_isa_cap() -> str | None:
+    """When the CPU's instruction set is capped (``ISA_CAPS``): which variables, and what the CPU has; else None. (A
+    llama.cpp built for this CPU is not capped: its kernels are chosen when it is compiled.)"""
+    import torch
+
+    set_ = [f"{v}={os.environ[v]}" for v in ISA_CAPS if os.environ.get(v)]
+    if not set_:
+        return None
+    probe = lambda name: bool(getattr(torch.cpu, name, lambda: False)())  # (private: guarded)
+    has = "AVX512" if probe("_is_avx512_supported") else "AVX2" if probe("_is_avx2_supported") else NA
+    return f"capped by {', '.join(set_)}; the CPU has {has}"
+
+
 def kernel_choices() -> dict | None:
     """The weight kernels this process chose (``fmchat_kernels.quant.select``): its ``current_choices()`` plus where
     they came from (``source``: measured, cached, default) and one line for the header (``line``)."""
@@ -162,6 +180,7 @@ def begin(command: str, argv: list[str] | None = None) -> Run:
         "physical_cores": physical,
         "ram_bytes": total_ram_bytes(),
         "cpu_isa": cpu_isa(),
+        "cpu_isa_cap": cpu_isa_cap(),  # None unless capped below the CPU's own (ISA_CAPS)
         "threads": None,  # filled at the end: a bench may set its thread count after it starts
         "decode_path": None,  # filled at the end: known once the backends are loaded
         "kernels": None,  # filled at the end: the weight kernels chosen at load (kernel_choices)
@@ -210,7 +229,7 @@ def header_lines(run: Run) -> list[str]:
         f"fmchat {run.command} · {_na(h['started_utc'])} → {_na(h['ended_utc'])} (UTC)",
         (f"machine  {_na(h['cpu'])} · {_na(h['logical_cores'])} logical / {_na(h['physical_cores'])} physical cores · "
          f"{_gib(h['ram_bytes'])} RAM"),
-        (f"cpu isa  {_na(h['cpu_isa'])} · threads {_na(h['threads'])} · load 1m {_na(h['load_avg_1m_start'])} → "
+        (f"cpu isa  {_na(h['cpu_isa'])}{f' ({cap})' if (cap := h.get('cpu_isa_cap')) else ''} · threads {_na(h['threads'])} · load 1m {_na(h['load_avg_1m_start'])} → "
          f"{_na(h['load_avg_1m_end'])}"),
         f"commit   {_na(h['fmchat_commit'])} · torch {_na(h['torch'])} · transformers {_na(h['transformers'])}",
         f"decode   {_na(h.get('decode_path'))}",
