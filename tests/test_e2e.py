@@ -80,13 +80,21 @@ def test_gguf_conversion_writes_bfloat16_with_progress_by_tensor(first_run, fres
     assert done == total and int(total) > 100
 
 
-def test_cache_on_equals_off_in_float32_over_the_shared_conversation(first_run):
-    """README's "20/20 token-identical": the whole shared conversation, greedy, float32, KV cache reused across turns
-    vs rebuilt every turn; `bench turns` compares the replies' token ids (not their text)."""
+@pytest.fixture(scope="module")
+def turns_float32(first_run):
+    """`bench turns` over the whole shared conversation, greedy, float32, 32 new tokens per reply, on the default
+    path of the test suite (sdpa, DynamicCache, eager decode): the KV cache reused across turns, then rebuilt every
+    turn. Its cache-on pass is also the reference the comparisons below use."""
     assert first_run.returncode == 0
     r = fmchat("bench", "turns", "--script", SHARED_SCRIPT, "--turns", "20", "--max-new-tokens", "32", "--dtype", "float32", "--json")
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.splitlines()[-1])
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_cache_on_equals_off_in_float32_over_the_shared_conversation(turns_float32):
+    """README's "20/20 token-identical": the whole shared conversation, greedy, float32, KV cache reused across turns
+    vs rebuilt every turn; `bench turns` compares the replies' token ids (not their text)."""
+    result = turns_float32
     assert len(result["turns"]) == 20
     assert result["identical"] and result["identical_turns"] == 20, result["first_divergence"]
     assert all(t["reused_on"] > t["prefilled_on"] for t in result["turns"][1:])
@@ -109,9 +117,12 @@ def shared_conversation_float32(*flags) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def default_path_rows(first_run):
-    """The reference both comparisons below use: the default path (sdpa, DynamicCache, eager decode), run once."""
-    return shared_conversation_float32("--kernel", "sdpa", "--compile", "off")
+def default_path_rows(turns_float32):
+    """The reference both comparisons below use: the eager path (sdpa, DynamicCache, eager decode) over the shared
+    conversation with the KV cache reused, as `bench turns` ran it above (the same chat `fmchat run --script --kernel
+    sdpa --compile off` builds: one config, one Conversation)."""
+    assert turns_float32["header"]["decode_path"] == "eager" and turns_float32["backend"] == "transformers"
+    return [{"reply": t["reply"], "decode_path": turns_float32["header"]["decode_path"]} for t in turns_float32["turns"]]
 
 
 def test_fmc_equals_sdpa_over_the_shared_conversation_float32(default_path_rows):

@@ -27,6 +27,7 @@ class TurnRecord:
     prefilled: int
     decode_tok_s: float | None
     token_ids: list[int]
+    reply: str
 
 
 def run_pass(session, user_turns: list[str], kv_cache: bool, log) -> list[TurnRecord]:
@@ -38,7 +39,7 @@ def run_pass(session, user_turns: list[str], kv_cache: bool, log) -> list[TurnRe
         s = done.stats
         records.append(
             TurnRecord(i, s.prompt_tokens, s.ctx_used, s.ttft_ms, s.reused_tokens, s.prefilled_tokens, s.decode_tok_s,
-                       list(session.messages[-1].token_ids))
+                       list(session.messages[-1].token_ids), done.reply)
         )  # fmt: skip
         log(f"[bench] cache {'on ' if kv_cache else 'off'} turn {i:>2}: {s.prompt_tokens} prompt tokens, TTFT {_ms(s.ttft_ms)}")
     return records
@@ -88,6 +89,7 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
             "decode_tok_s_on": round(a.decode_tok_s, 1) if a.decode_tok_s else None,
             "decode_tok_s_off": round(c.decode_tok_s, 1) if c.decode_tok_s else None,
             "identical": a.token_ids == c.token_ids,
+            "reply": a.reply,  # the cache-on pass's (the same as the other's where identical)
         }
         for a, c in zip(on, off)
     ]
@@ -110,7 +112,7 @@ def bench_turns(session, user_turns: list[str], json_out: bool = False) -> dict:
         + ("" if div is None else f", first divergence at turn {div['turn']} token {div['token']}")
     )
     result["summary"] = summary
-    return report.emit(run, result, json_out, lambda: print_table(result, rows, b))
+    return report.emit(run, result, json_out, lambda: print_table(result, rows, b), decode_path=b.decode_path)
 
 
 def print_table(result: dict, rows: list[dict], b) -> None:
