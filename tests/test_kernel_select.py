@@ -364,3 +364,45 @@ def test_a_compile_in_another_thread_does_not_switch_the_eager_path(monkeypatch)
     x = _x(1, 64)
     _close(kq.float_gemv(x, w), x.double() @ w.double().t())  # eager: the library GEMV, the choice not even asked
     assert calls == []
+
+
+# ------------------------------------------------------------------ bf16 prefill (a CPU without bf16 GEMMs: AVX2)
+def test_bf16_prefill_is_measured_and_described(tmp_path):
+    """The real measurement of bf16 weights includes the prefill path: the bf16 GEMM or fp32 GEMMs over chunks of
+    the weight, from a measured row count; the header line says which."""
+    got = select.ensure(tmp_path / "k.json", ("bf16",), cls="small")["bf16"]
+    assert got["prefill"] in select.choices.PREFILL_BF16
+    assert got["prefill_min_rows"] in (None, *select.PREFILL_ROWS)
+    assert (got["prefill"] == "fp32") == (got["prefill_min_rows"] is not None)
+    assert select.details()["measured"]["bf16"]["prefill_us"]
+    want = "prefill bf16 linear" if got["prefill"] == "linear" else f"prefill fp32 GEMM from {got['prefill_min_rows']} rows"
+    assert want in select.describe(["bf16"])
+
+
+def test_a_bf16_models_prefill_follows_the_chosen_path(tiny_model, monkeypatch):
+    """Every bf16 linear of a CPU load runs the measured prefill path eagerly (compiled.DecodeLinear): with fp32
+    chosen from 16 rows, a 40-token prompt goes through fp32 GEMMs over 64-row chunks of each weight, and its logits
+    match the bf16 GEMM's; a one-token step keeps the plain product."""
+    from fmchat.backends.transformers.compiled import DecodeLinear
+    from fmchat.config import RunConfig
+    from fmchat.conversation import load_backend
+    from fmchat_kernels.quant import gemv
+
+    b = load_backend(RunConfig(model=str(tiny_model), device="cpu", dtype="bfloat16", compile="eager", ctx=128))
+    linears = [m for m in b.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is DecodeLinear for m in linears)
+    ids = list(range(100, 140))
+    select.use({"bf16": {"prefill": "linear", "prefill_min_rows": None, "chunk_rows": None}})
+    want = b.forward(ids)
+    b.truncate(0)
+    select.use({"bf16": {"prefill": "fp32", "prefill_min_rows": 16, "chunk_rows": 64}})
+    rows = []
+    real = gemv.float_mm_chunks
+    monkeypatch.setattr(gemv, "float_mm_chunks", lambda x2, w, *a: rows.append(x2.shape[0]) or real(x2, w, *a))
+    got = b.forward(ids)
+    assert rows and set(rows) == {40}  # every linear of every layer but the head (logits_to_keep=1: one row)
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+    rows.clear()
+    b.forward([7])
+    assert rows == []
+    select.reset()

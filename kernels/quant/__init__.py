@@ -32,7 +32,7 @@ Installed as ``fmchat_kernels.quant`` (the folder is ``kernels/quant/``). This p
 from . import select
 from .common import QuantizedLinear, bytes_per_weight, relative_error
 from .embedding import QuantizedEmbedding
-from .gemv import float_gemv, int8_gemv
+from .gemv import float_gemv, float_linear, int8_gemv
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .log8 import Log8Linear
@@ -49,6 +49,7 @@ __all__ = [
     "QuantizedLinear",
     "bytes_per_weight",
     "float_gemv",
+    "float_linear",
     "int8_gemv",
     "is_quantized",
     "model_bytes",

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 
 import torch
 
-SCHEMA = 2  # 2: the compiled int8 candidates are both timed compiled (1 timed int8pack eagerly: biased)
+# 2: the compiled int8 candidates are both timed compiled (1 timed int8pack eagerly: biased); 3: bf16 prefill measured
+SCHEMA = 3
 FORMATS = ("bf16", "int8", "int4")
 
 # Candidates per (format, compiled). The first of each is the default.
@@ -23,8 +24,12 @@ ONE_ROW = {
 }
 PREFILL = ("packed", "bf16", "fp32")
 PREFILL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# bf16 weights, many rows: the bf16 GEMM ("linear"), or the weights cast to fp32 a chunk of rows at a time and the
+# fp32 GEMM ("fp32"): on a CPU without bf16 GEMM instructions (AVX2) the bf16 one runs ~4x slower than that.
+PREFILL_BF16 = ("linear", "fp32")
 DEFAULTS = {
-    "bf16": {"one_row_eager": "linear", "one_row_compiled": "fused"},
+    "bf16": {"one_row_eager": "linear", "one_row_compiled": "fused", "prefill": "linear", "prefill_min_rows": None,
+             "chunk_rows": None},
     "int8": {"one_row_eager": "int8pack", "one_row_compiled": "fused", "prefill": "packed", "prefill_min_rows": None,
              "chunk_rows": None, "one_row_compiled_by_shape": {}},
     "int4": {"one_row_eager": "int4pack", "one_row_compiled": "int4pack", "prefill": "packed",
@@ -78,7 +83,8 @@ def one_row(fmt: str, compiled: bool, shape: tuple[int, int] | None = None) -> s
 
 def prefill_plan(fmt: str, rows: int) -> tuple[int, torch.dtype] | None:
     """For ``rows`` activation rows of an int8/int4 weight: None = the packed kernel, else ``(chunk_rows, dtype)``:
-    dequantize this many weight rows at a time (0 = all) to ``dtype`` and use that float GEMM."""
+    dequantize this many weight rows at a time (0 = all) to ``dtype`` and use that float GEMM. For a bf16 weight:
+    None = the bf16 GEMM, else cast that many rows at a time to ``dtype`` (fp32)."""
     c = _STATE["choices"][fmt]
     if c.get("prefill") not in PREFILL_DTYPES or c.get("prefill_min_rows") is None or rows < c["prefill_min_rows"]:
         return None
@@ -123,13 +129,12 @@ def describe(formats: Iterable[str] | None = None) -> str:
         own = {k: v for k, v in c.get(BY_SHAPE, {}).items() if v != c["one_row_compiled"]}
         if own:
             s += " but " + ", ".join(f"{v} for {k}" for k, v in sorted(own.items()))
-        if fmt != "bf16":
-            pc = c.get("prefill_min_rows")
-            if c.get("prefill") in PREFILL_DTYPES and pc is not None:
-                chunk = c.get("chunk_rows") or "all"
-                s += f", prefill {c['prefill']} GEMM from {pc} rows (weight rows {chunk} at a time)"
-            else:
-                s += ", prefill packed"
+        pc = c.get("prefill_min_rows")
+        if c.get("prefill") in PREFILL_DTYPES and pc is not None:
+            chunk = c.get("chunk_rows") or "all"
+            s += f", prefill {c['prefill']} GEMM from {pc} rows (weight rows {chunk} at a time)"
+        else:
+            s += ", prefill bf16 linear" if fmt == "bf16" else ", prefill packed"
         parts.append(s)
     where = _STATE["source"] + (f" [{_STATE['shape_class']}]" if _STATE["shape_class"] else "")
     return f"{'; '.join(parts)} ({where})"
@@ -151,10 +156,9 @@ def _valid(fmt: str, rec, compiled: bool) -> bool:
     by = rec.get(BY_SHAPE, {})
     if not isinstance(by, dict) or any(v not in ONE_ROW[(fmt, True)] for v in by.values()):
         return False
-    if fmt != "bf16":
-        chunk = rec.get("chunk_rows")
-        if rec.get("prefill") not in PREFILL or not (chunk is None or (type(chunk) is int and chunk >= 0 and chunk % 64 == 0)):
-            return False  # int4 dequantizes whole 64-row blocks of its packed layout
-        if rec.get("prefill_min_rows") is not None and not isinstance(rec.get("prefill_min_rows"), int):
-            return False
-    return True
+    chunk = rec.get("chunk_rows")
+    if rec.get("prefill") not in (PREFILL_BF16 if fmt == "bf16" else PREFILL):
+        return False
+    if not (chunk is None or (type(chunk) is int and chunk >= 0 and chunk % 64 == 0)):
+        return False  # int4 dequantizes whole 64-row blocks of its packed layout
+    return rec.get("prefill_min_rows") is None or isinstance(rec.get("prefill_min_rows"), int)

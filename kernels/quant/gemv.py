@@ -37,6 +37,33 @@ def fused_float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     return y.to(x.dtype).reshape(1, -1)
 
 
+def float_mm_chunks(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, chunk_rows: int = 0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """``x2 @ w.T (+ bias)`` for a bf16 ``w`` through the GEMM of ``dtype``: ``chunk_rows`` weight rows (0: all) cast at
+    a time (the temporary is one chunk), the result in ``x2``'s dtype. The candidate ``fp32`` of bf16 prefill: on a
+    CPU without bf16 GEMM instructions (AVX2) the bf16 GEMM runs ~4x slower than this (docs/quant.md)."""
+    xd = x2.to(dtype)
+    n = w.shape[0]
+    step = chunk_rows if 0 < chunk_rows < n else n
+    outs = []
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        outs.append(F.linear(xd, w[rows].to(dtype), None if bias is None else bias[rows].to(dtype)).to(x2.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """An eager ``nn.Linear`` product of a bf16 weight with the measured prefill path (``choices.prefill_plan("bf16",
+    rows)``): the bf16 GEMM (``F.linear``), or, from the measured number of rows on, ``float_mm_chunks``."""
+    if w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 2:
+        rows = x.numel() // x.shape[-1]
+        plan = choices.prefill_plan("bf16", rows) if rows > 1 else None
+        if plan is not None:
+            chunk, dtype = plan
+            return float_mm_chunks(x.reshape(rows, -1), w, bias, chunk, dtype).reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, bias)
+
+
 def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x`` ``[1, K]`` times int8 ``w`` ``[N, K]`` with per-row ``scales``, for tracing under ``torch.compile``.
 

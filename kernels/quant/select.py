@@ -67,7 +67,7 @@ from .choices import (  # the layers' side, re-exported: select is the one modul
     use,
 )
 from .common import HAS_INT4_CPU, HAS_INT8_MM
-from .gemv import fused_float_gemv, int8_gemv
+from .gemv import float_mm_chunks, fused_float_gemv, int8_gemv
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 
@@ -325,6 +325,9 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
 
     if fmt == "bf16":
         rec["one_row_eager_us"] = _us(_best_times({"linear": bf16_eager}, 15))
+        wp = wb[: PREFILL_N[cls]]
+        rec.update(_measure_prefill(lambda x, c, d: float_mm_chunks(x, wp, None, c, d), lambda x: F.linear(x, wp),
+                                    PREFILL_N[cls], wp, k, dtypes={"fp32": torch.float32}, base_name="linear"))  # fmt: skip
         if compiled:
             c = {name: _compiled(lin, f, options) for name, f in
                  (("fused", lambda m, x: fused_float_gemv(x, m.weight)), ("linear", lambda m, x: F.linear(x, m.weight)))}  # fmt: skip
@@ -378,7 +381,7 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
     # int8/int4 must never be slower than bf16: the comparison, on the same shape, kept in the record.
     rec["one_row_vs_bf16"] = {m: round(v / t["bf16 linear"], 3) for m, v in best.items()}
     rec["prefill_shape"] = [PREFILL_N[cls], k]
-    rec.update(_measure_prefill(small, small_packed, wb[: PREFILL_N[cls]], k))
+    rec.update(_measure_prefill(small.mm_float_chunks, small_packed, PREFILL_N[cls], wb[: PREFILL_N[cls]], k))
     return rec
 
 
@@ -421,26 +424,28 @@ def _inconsistent(t: dict[str, float]) -> bool:
     return any(w and not later for i, w in enumerate(wins) for later in wins[i + 1 :])
 
 
-def _measure_prefill(layer, packed: Callable, wb: torch.Tensor, k: int) -> dict:
-    """Many rows: the chunk size of the dequantizing bf16 path (at ``CHUNK_AT_ROWS`` rows), bf16 or fp32 for that path
-    (at the most rows: a CPU without bf16 GEMMs, e.g. AVX2, runs them far slower than fp32), then packed vs that path
-    at each of ``PREFILL_ROWS``: the float path from the smallest row count at which it wins there and at every
-    larger one (re-measured once when noise makes that inconsistent)."""
-    n = layer.out_features
+def _measure_prefill(float_path: Callable, base: Callable, n: int, wb: torch.Tensor, k: int,
+                     dtypes: dict[str, torch.dtype] = PREFILL_DTYPES, base_name: str = "packed") -> dict:  # fmt: skip
+    """Many rows: the chunk size of the float path ``float_path(x, chunk_rows, dtype)`` (at ``CHUNK_AT_ROWS`` rows), its
+    dtype (of ``dtypes``, at the most rows: a CPU without bf16 GEMMs, e.g. AVX2, runs them far slower than fp32),
+    then ``base(x)`` (the packed kernel; the bf16 GEMM for bf16 weights) vs that path at each of ``PREFILL_ROWS``:
+    the float path from the smallest row count at which it wins there and at every larger one (re-measured once
+    when noise makes that inconsistent). ``n``: the weight's rows."""
     g = torch.Generator().manual_seed(2)
     xs = {m: torch.randn(m, k, generator=g).to(torch.bfloat16) for m in PREFILL_ROWS}
     chunks = [c for c in CHUNK_ROWS if c < n] or [0]
     x = xs[CHUNK_AT_ROWS]
-    tc = _best_times({str(c): (lambda c=c: layer.mm_float_chunks(x, c)) for c in chunks}, 3)
+    first = next(iter(dtypes.values()))
+    tc = _best_times({str(c): (lambda c=c: float_path(x, c, first)) for c in chunks}, 3)
     chunk = int(min(tc, key=tc.get))
     top = xs[max(PREFILL_ROWS)]
-    td = _best_times({name: (lambda d=d: layer.mm_float_chunks(top, chunk, d)) for name, d in PREFILL_DTYPES.items()}, 3)
-    fname = _pick(td, "bf16")
-    dtype = PREFILL_DTYPES[fname]
+    td = _best_times({name: (lambda d=d: float_path(top, chunk, d)) for name, d in dtypes.items()}, 3)
+    fname = _pick(td, next(iter(dtypes)))
+    dtype = dtypes[fname]
     fns = {}
     for m, xm in xs.items():
-        fns[f"packed@{m}"] = lambda xm=xm: packed(xm)
-        fns[f"float@{m}"] = lambda xm=xm: layer.mm_float_chunks(xm, chunk, dtype)
+        fns[f"packed@{m}"] = lambda xm=xm: base(xm)
+        fns[f"float@{m}"] = lambda xm=xm: float_path(xm, chunk, dtype)
     fns[f"bf16 linear@{CHUNK_AT_ROWS}"] = lambda: F.linear(x, wb)
     t = _best_times(fns, 3)
     if _inconsistent(t):  # a burst of load: measure again, keep the best of both
@@ -454,7 +459,7 @@ def _measure_prefill(layer, packed: Callable, wb: torch.Tensor, k: int) -> dict:
             break
     best = min(t[f"packed@{CHUNK_AT_ROWS}"], t[f"float@{CHUNK_AT_ROWS}"])
     return {
-        "prefill": fname if min_rows is not None else "packed",
+        "prefill": fname if min_rows is not None else base_name,
         "prefill_min_rows": min_rows,
         "chunk_rows": chunk if min_rows is not None else None,
         "chunk_us": _us(tc),

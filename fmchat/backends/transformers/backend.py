@@ -138,6 +138,9 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         self._weights_bytes = self._count_weights_bytes()
         if self._dev == "cpu":  # before any compile: the compiled step reads the choices, and its cache key names them
             self._select_kernels(progress)
+            from .compiled import use_decode_linears
+
+            use_decode_linears(self.model)  # the measured bf16 prefill path, eagerly too (compiled.DecodeLinear)
         self._step = None
         self._last_forward = time.monotonic()  # the load counts as activity: a chat starting now goes first
         self._forwards = 0  # forwards under way (a long prefill is activity from its start to its end)

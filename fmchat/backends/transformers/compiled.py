@@ -33,7 +33,7 @@ import torch
 
 from fmchat_kernels.attention import decode_attention_fused
 from fmchat_kernels.attention.fused import prepare_compile
-from fmchat_kernels.quant import float_gemv
+from fmchat_kernels.quant import float_gemv, float_linear
 
 from .compat import CACHE_ARG
 
@@ -83,15 +83,16 @@ def _tracing_step() -> bool:
 
 class DecodeLinear(torch.nn.Linear):
     """``nn.Linear`` whose one-row calls inside the compiled step are ``fmchat_kernels.quant.float_gemv`` (bf16/fp16
-    weights); everything else (eager prefill, fp32 weights, several rows) is ``nn.Linear``'s own forward. Swapped
-    in by class (weights, hooks and state dict untouched)."""
+    weights), and whose eager calls are ``float_linear`` (the bf16 GEMM, or for many rows the measured prefill path:
+    fp32 GEMMs over chunks of the weight on a CPU without bf16 GEMM instructions). Swapped in by class at every CPU
+    load (weights, hooks and state dict untouched)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # is_dynamo_compiling, not is_compiling: the latter reads a process-wide flag that is also true for a thread
         # decoding eagerly while another thread compiles (the background compile of ``--compile auto``).
         if _tracing_step() and x.numel() == self.in_features and self.weight.dtype in (torch.bfloat16, torch.float16):
             return float_gemv(x.reshape(1, -1), self.weight, self.bias).reshape(x.shape[:-1] + (self.out_features,))
-        return super().forward(x)
+        return float_linear(x, self.weight, self.bias)
 
 
 def use_decode_linears(model: torch.nn.Module) -> None:
