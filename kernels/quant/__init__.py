@@ -29,7 +29,7 @@ read), one module per scheme (``int8``, ``int4``, ``log8``), ``embedding`` (``Qu
 Installed as ``fmchat_kernels.quant`` (the folder is ``kernels/quant/``). This package never imports ``fmchat``.
 """
 
-from . import select
+from . import native, select
 from .common import QuantizedLinear, bytes_per_weight, relative_error
 from .embedding import QuantizedEmbedding
 from .gemv import float_gemv, float_linear, int8_gemv
@@ -55,5 +55,6 @@ __all__ = [
     "model_bytes",
     "quantize_model",
     "relative_error",
+    "native",
     "select",
 ]  # fmt: skip

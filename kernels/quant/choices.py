@@ -9,19 +9,25 @@ from collections.abc import Iterable
 
 import torch
 
-# 2: the compiled int8 candidates are both timed compiled (1 timed int8pack eagerly: biased); 3: bf16 prefill measured
-SCHEMA = 3
+from . import native  # imports nothing of the package either
+
+# 2: the compiled int8 candidates are both timed compiled (1 timed int8pack eagerly: biased); 3: bf16 prefill measured;
+# 4: the native int8 kernels (q8, f32) are candidates
+SCHEMA = 4
 FORMATS = ("bf16", "int8", "int4")
 
 # Candidates per (format, compiled). The first of each is the default.
 ONE_ROW = {
     ("bf16", False): ("linear",),
     ("bf16", True): ("fused", "linear"),
-    ("int8", False): ("int8pack",),
-    ("int8", True): ("fused", "int8pack"),
+    ("int8", False): ("int8pack", "q8", "f32"),
+    ("int8", True): ("fused", "int8pack", "q8", "f32"),
     ("int4", False): ("int4pack",),
     ("int4", True): ("int4pack",),
 }
+# int8 candidates of native.py's library (built at first use; offered only where it loaded): "q8" int8 activations in
+# blocks of 32 and integer dot products (llama.cpp's method; AVX-512 VNNI or AVX2), "f32" fp32 activations.
+NATIVE = ("q8", "f32")
 PREFILL = ("packed", "bf16", "fp32")
 PREFILL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # bf16 weights, many rows: the bf16 GEMM ("linear"), or the weights cast to fp32 a chunk of rows at a time and the
@@ -135,6 +141,8 @@ def describe(formats: Iterable[str] | None = None) -> str:
             s += f", prefill {c['prefill']} GEMM from {pc} rows (weight rows {chunk} at a time)"
         else:
             s += ", prefill bf16 linear" if fmt == "bf16" else ", prefill packed"
+        if {c["one_row_eager"], c["one_row_compiled"], *c.get(BY_SHAPE, {}).values()} & set(NATIVE):
+            s += f" [{native.describe()}]"
         parts.append(s)
     where = _STATE["source"] + (f" [{_STATE['shape_class']}]" if _STATE["shape_class"] else "")
     return f"{'; '.join(parts)} ({where})"
@@ -146,6 +154,9 @@ def cpu_capability() -> str:
 
 def _valid(fmt: str, rec, compiled: bool) -> bool:
     if not isinstance(rec, dict):
+        return False
+    used = {rec.get("one_row_eager"), rec.get("one_row_compiled"), *(rec.get(BY_SHAPE) or {}).values()}
+    if used & set(NATIVE) and not native.available():  # chosen where the library loaded; here it did not
         return False
     if rec.get("one_row_eager") not in ONE_ROW[(fmt, False)]:
         return False

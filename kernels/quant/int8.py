@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from . import (
     choices,
+    native,
     ops,  # noqa: F401  (registers torch.ops.kernels_quant.*)
 )
 from .common import HAS_INT8_MM, QuantizedLinear, row_chunks
@@ -41,9 +42,16 @@ class Int8Linear(QuantizedLinear):
             if torch.compiler.is_dynamo_compiling():  # traced (is_compiling() holds in all threads while one compiles)
                 # one row (a decode step): the kernel measured fastest on this machine (select.py)
                 shape = (self.out_features, self.in_features)
-                if x2.shape[0] == 1 and choices.one_row("int8", compiled=True, shape=shape) == "fused":
+                kernel = choices.one_row("int8", compiled=True, shape=shape) if x2.shape[0] == 1 else None
+                if kernel == "fused":
                     return int8_gemv(x2, self.weight_int8, self.scales)
+                if kernel in choices.NATIVE and x2.device.type == "cpu":
+                    return native.one_row(kernel, x2, self.weight_int8, self.scales)
                 return torch.ops.kernels_quant.int8pack_mm(x2, self.weight_int8, s)  # s: folded once under freezing
+            if x2.device.type == "cpu" and x2.shape[0] == 1:
+                kernel = choices.one_row("int8", compiled=False)
+                if kernel in choices.NATIVE:
+                    return native.one_row(kernel, x2, self.weight_int8, self.scales)
             if x2.device.type == "cpu":
                 plan = choices.prefill_plan("int8", x2.shape[0])
                 if plan is not None:  # many rows: a float GEMM on the cast codes beats the packed kernel (measured)

@@ -44,12 +44,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import choices
+from . import choices, native
 from .choices import (  # the layers' side, re-exported: select is the one module callers need
     _STATE,
     BY_SHAPE,
     DEFAULTS,
     FORMATS,
+    NATIVE,
     ONE_ROW,
     PREFILL,
     PREFILL_DTYPES,
@@ -76,6 +77,9 @@ __all__ = ["DEFAULTS", "FORMATS", "ONE_ROW", "PREFILL", "PREFILL_DTYPES", "SCHEM
            "one_row", "prefill_chunk", "prefill_plan", "reset", "shape_class", "use"]  # fmt: skip
 
 OFF_ENV = "FMCHAT_KERNEL_SELECT"  # "off": ensure() keeps the defaults (an A/B against the kernels used before)
+# JSON for use(), applied after the measured or cached choices, e.g. '{"int8": {"one_row_compiled": "f32"}}': an A/B of
+# one candidate against the measured choice (the compiled step's cache key includes the choices)
+CHOICES_ENV = "FMCHAT_KERNEL_CHOICES"
 
 # Weight rows dequantized at a time (multiples of int4's 64-row blocks). All rows at once was never faster here (a
 # fresh 50 MB temporary per call, page faults and all; the chunk stays in cache): not a candidate, but 0 = all is read.
@@ -140,6 +144,8 @@ def ensure(
         reset()
         _STATE["source"] = f"default ({OFF_ENV}=off)"
         return current_choices()
+    if "int8" in formats:  # the native int8 candidates: built once per machine, loaded after (a caller that keeps
+        native.load(log=say)  # its files elsewhere loads them first, from its own folder: then this is a no-op)
     cls = cls or shape_class(shapes)
     key = cache_key(cls)
     by_format = shapes_by_format or {}
@@ -182,7 +188,26 @@ def ensure(
     _STATE["formats"] = list(dict.fromkeys([*_STATE["formats"], *formats]))
     if changed and cache_path is not None:
         _write(Path(cache_path), data, say)
+    _override(formats, say)
     return current_choices()
+
+
+def _override(formats: list[str], say) -> None:
+    """``FMCHAT_KERNEL_CHOICES`` over the formats just chosen (others in it are ignored); ValueError when it is not
+    JSON of known formats, keys and candidates."""
+    text = os.environ.get(CHOICES_ENV, "").strip()
+    if not text:
+        return
+    try:
+        wanted = json.loads(text)
+        if not isinstance(wanted, dict):
+            raise ValueError("not a JSON object")  # noqa: TRY004 - one error type for every bad value here
+        source = _STATE["source"]
+        use({f: c for f, c in wanted.items() if f in formats})
+    except ValueError as exc:
+        raise ValueError(f"{CHOICES_ENV}: {exc}") from None
+    _STATE["source"] = f"{source}, then {CHOICES_ENV}"
+    say(f"kernel selection: {CHOICES_ENV} applied: {describe(formats)}")
 
 
 def model_formats_and_shapes(model: torch.nn.Module) -> tuple[list[str], list[tuple[int, int]]]:
@@ -340,11 +365,16 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
         if not HAS_INT8_MM:
             return rec
         layer = Int8Linear.from_weight(w, compute_dtype=torch.bfloat16)
-        s = layer.scales.to(torch.bfloat16)
-        packed = lambda x: torch._weight_int8pack_mm(x, layer.weight_int8, s)
-        eager = {"int8pack": lambda: packed(x1), "bf16 linear": bf16_eager}
-        fused_fn = lambda m, x: int8_gemv(x, m.weight_int8, m.scales)
-        packed_name = "int8pack"
+        # One row streams its weights from memory in a decode step: the candidates are timed over distinct copies of
+        # the weight that together outgrow the caches (one weight, hot in the cache, rewarded compute over streaming).
+        ws = _stream_copies(layer.weight_int8)
+        wscales = [layer.scales] * len(ws)
+        wbs = [wb] + [wb.clone() for _ in ws[1:]]
+        fns = {"int8pack": lambda x, w, sc: torch._weight_int8pack_mm(x, w, sc.to(x.dtype))}
+        fns.update({k: (lambda x, w, sc, k=k: native.one_row(k, x, w, sc)) for k in (NATIVE if native.available() else ())})
+        eager = {k: _over(f, x1, ws, wscales) for k, f in fns.items()}
+        eager["bf16 linear"] = _over(lambda x, w, sc: F.linear(x, w), x1, wbs, wscales)
+        compiled_candidates = True
         small = Int8Linear.from_weight(w[: PREFILL_N[cls]], compute_dtype=torch.bfloat16)
         ss = small.scales.to(torch.bfloat16)
         small_packed = lambda x: torch._weight_int8pack_mm(x, small.weight_int8, ss)
@@ -355,26 +385,26 @@ def _measure(fmt: str, cls: str, compiled: bool, options: dict | None, say) -> d
         sz = layer.scales_zeros.to(torch.bfloat16)
         packed = lambda x: torch._weight_int4pack_mm_for_cpu(x, layer.weight_int4, layer.group_size, sz)
         eager = {"int4pack": lambda: packed(x1), "bf16 linear": bf16_eager}
-        fused_fn = None  # a fused int4 loop was measured ~20x slower (docs/quant.md): not a candidate
-        packed_name = "int4pack"
+        compiled_candidates = False  # a fused int4 loop was measured ~20x slower (docs/quant.md): not a candidate
         small = Int4Linear.from_weight(w[: PREFILL_N[cls]], compute_dtype=torch.bfloat16)
         ssz = small.scales_zeros.to(torch.bfloat16)
         small_packed = lambda x: torch._weight_int4pack_mm_for_cpu(x, small.weight_int4, small.group_size, ssz)
     del w
-    t = _best_times(eager, 15)
+    if fmt == "int8":
+        t = {k: v / len(ws) for k, v in _best_times(eager, 5).items()}
+        rec["one_row_stream_copies"] = len(ws)
+    else:
+        t = _best_times(eager, 15)
     rec["one_row_eager_us"] = _us(t)
-    best = {"eager": t[packed_name]}
-    if compiled and fused_fn is not None:
+    rec["one_row_eager"] = _pick({k: v for k, v in t.items() if k in ONE_ROW[(fmt, False)]}, DEFAULTS[fmt]["one_row_eager"])
+    best = {"eager": t[rec["one_row_eager"]]}
+    if compiled and compiled_candidates:
         t0 = time.perf_counter()
-        fused = _compiled(layer, fused_fn, options)
-        fused(x1)
-        say(f"kernel selection: {fmt} fused one-row loop compiled in {time.perf_counter() - t0:.1f} s")
-        # Both candidates compiled, called the same way: timed eagerly, the packed kernel skipped the compiled probe's
+        # Every candidate compiled, called the same way: timed eagerly, the packed kernel skipped the compiled probe's
         # per-call overhead (Dynamo's guards, ~0.1 ms) that the fused loop paid, and won by that alone (43 vs 167 us
         # on a 1536x576 weight, AVX512), while inside the whole step it was the slower choice (int8 decode 0.74x bf16).
-        in_step = _compiled(layer, lambda m, x: torch.ops.kernels_quant.int8pack_mm(x, m.weight_int8, m.scales.to(x.dtype)), options)
-        in_step(x1)
-        tc = _best_times({"fused": lambda: fused(x1), packed_name: lambda: in_step(x1)}, 15)
+        tc = _compiled_stream_times(ws, wscales, x1, options)
+        say(f"kernel selection: {fmt} compiled one-row candidates measured in {time.perf_counter() - t0:.1f} s")
         rec["one_row_compiled_us"] = _us(tc)
         rec["one_row_compiled"] = _pick(tc, DEFAULTS[fmt]["one_row_compiled"])
         best["compiled"] = min(tc.values())
@@ -406,12 +436,56 @@ def _measure_one_row_shape(fmt: str, shape: tuple[int, int], options: dict | Non
     n, k = shape
     layer = Int8Linear.from_weight(_weight(n, k), compute_dtype=torch.bfloat16)
     x1 = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    fused = _compiled(layer, lambda m, x: int8_gemv(x, m.weight_int8, m.scales), options)
-    packed = _compiled(layer, lambda m, x: torch.ops.kernels_quant.int8pack_mm(x, m.weight_int8, m.scales.to(x.dtype)), options)
-    fused(x1)
-    packed(x1)
-    t = _best_times({"fused": lambda: fused(x1), "int8pack": lambda: packed(x1)}, 15)
+    ws = _stream_copies(layer.weight_int8)
+    t = _compiled_stream_times(ws, [layer.scales] * len(ws), x1, options)
     return _pick(t, DEFAULTS[fmt]["one_row_compiled"]), _us(t)
+
+
+# Distinct copies of a probe weight, together at least this large (more than a CPU's last-level cache; at most 128
+# copies): a one-row product in a decode step reads its weight from memory, not from a cache.
+STREAM_BYTES = 96 << 20
+
+
+def _stream_copies(w: torch.Tensor) -> list[torch.Tensor]:
+    n = max(1, min(128, -(-STREAM_BYTES // max(1, w.numel() * w.element_size()))))
+    return [w] + [w.clone() for _ in range(n - 1)]
+
+
+def _over(f: Callable, x, ws, ss) -> Callable[[], object]:
+    return lambda: [f(x, w, s) for w, s in zip(ws, ss)]
+
+
+class _StreamProbe(torch.nn.Module):
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, w, s):
+        return self.fn(x, w, s)
+
+
+def _int8_one_row_candidates() -> dict[str, Callable]:
+    """The compiled one-row int8 candidates as ``f(x, w, scales)``, as the layer calls them inside the step."""
+    fns = {"fused": int8_gemv,
+           "int8pack": lambda x, w, s: torch.ops.kernels_quant.int8pack_mm(x, w, s.to(x.dtype))}  # fmt: skip
+    if native.available():
+        fns.update({k: (lambda x, w, s, k=k: native.one_row(k, x, w, s)) for k in NATIVE})
+    return fns
+
+
+def _compiled_stream_times(ws, ss, x1, options) -> dict[str, float]:
+    """Seconds per product of each compiled candidate, over the distinct weights ``ws`` (inputs of one compiled
+    function per candidate, so one compile serves every copy)."""
+    calls = {}
+    for name, fn in _int8_one_row_candidates().items():
+        code = _StreamProbe.forward.__code__.replace(co_name=f"_probe_{next(_PROBES)}")
+        cls = type(code.co_name, (_StreamProbe,),
+                   {"forward": types.FunctionType(code, _StreamProbe.forward.__globals__, code.co_name)})  # fmt: skip
+        probe = torch.compile(cls(fn).eval(), backend="inductor", fullgraph=True, dynamic=False,
+                              options={k: v for k, v in (options or {}).items() if k != "freezing"})  # fmt: skip
+        probe(x1, ws[0], ss[0])
+        calls[name] = _over(probe, x1, ws, ss)
+    return {k: v / len(ws) for k, v in _best_times(calls, 5).items()}
 
 
 def _float_wins(t: dict[str, float], m: int) -> bool:

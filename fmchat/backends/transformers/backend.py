@@ -187,13 +187,18 @@ class TransformersBackend(TokenBackend, KVShift, KVSnapshot, AllLogits, Backgrou
         """Pick the weight-product kernels (one row, prefill) for this model's weight formats by measuring them on
         this machine, once per torch version, CPU capability, threads and model size; cached (kernels/quant/select.py,
         docs/quant.md)."""
-        from fmchat_kernels.quant import select
+        from fmchat_kernels.quant import native, select
 
         from .compiled import INDUCTOR_OPTIONS
 
-        select.ensure_for_model(self.model, paths.cache_dir() / "kernel_choices.json",
-                                compiled=self._decode_choice != "eager", compile_options=INDUCTOR_OPTIONS,
-                                log=lambda m: progress(m, None))  # fmt: skip
+        if self.device == "cpu" and any(getattr(m, "scheme", None) == "int8" for m in self.model.modules()):
+            native.load(paths.cache_dir() / "native", log=lambda m: progress(m, None))  # built once per machine
+        from . import compile_cache as cc
+
+        with cc.inductor_dir():  # the probes it compiles: inductor's cache of this CPU capability, as the step's
+            select.ensure_for_model(self.model, paths.cache_dir() / "kernel_choices.json",
+                                    compiled=self._decode_choice != "eager", compile_options=INDUCTOR_OPTIONS,
+                                    log=lambda m: progress(m, None))  # fmt: skip
 
     # ---------------------------------------------------------------- the decode path (compiled.py, compile_cache.py)
     def _plan_decode(self, value: str) -> tuple[str, str]:

@@ -259,8 +259,15 @@ def inductor_dir():
     instead of ``/tmp/torchinductor_<user>``: there it keeps the C++ kernels it built (``.so``), which our artifact
     does not carry, across reboots. Measured (docs/decode.md): a launch that finds the artifact but not the ``.so``
     files rebuilds the C++ (16 s of a 73 s warm load for the default model; most of the warm load of a 2-layer
-    model). ``$FMCHAT_INDUCTOR_DIR`` overrides the place ("-" leaves torch's own)."""
-    place = os.environ.get("FMCHAT_INDUCTOR_DIR") or str(root() / "inductor")
+    model). ``$FMCHAT_INDUCTOR_DIR`` overrides the place ("-" leaves torch's own).
+
+    One folder per CPU capability (``inductor/avx512``, ``inductor/avx2``): torch's graph cache does not key on it,
+    so a launch capped to AVX2 (``ATEN_CPU_CAPABILITY=avx2``), or a cache dir shared with a machine of another ISA,
+    would otherwise reuse kernels built for the other ISA (seen: AVX-512 loops run in an AVX2-capped process)."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability().lower() or "default"
+    place = os.environ.get("FMCHAT_INDUCTOR_DIR") or str(root() / "inductor" / cap)
     if place == "-":
         yield
         return
