@@ -10,7 +10,7 @@ import torch
 
 from fmchat_kernels import quant as kq
 from fmchat_kernels.quant import select
-from fmchat_kernels.quant.gemv import fused_float_gemv, int4_cpu_codes, int4_dequant
+from fmchat_kernels.quant.gemv import fused_float_gemv, int4_cpu_block, int4_cpu_codes, int4_dequant
 
 
 @pytest.fixture(autouse=True)
@@ -232,6 +232,8 @@ def test_real_measurement_picks_among_the_candidates(tmp_path):
 
 # ------------------------------------------------------------------ every candidate against the float reference
 def test_int4_cpu_layout_decodes_as_the_converter_packs():
+    # The layout is the running ISA's (64-row blocks with AVX-512, 32 with AVX2): this checks the one of this machine.
+    assert int4_cpu_block() == (64 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32)
     for n in (64, 128 + 16, 192 + 48):  # whole 64-row blocks, plus a tail
         q = torch.randint(0, 16, (n, 96), generator=torch.Generator().manual_seed(n), dtype=torch.int32)
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)

@@ -53,8 +53,8 @@ __all__ = [
     "int8_gemv",
     "is_quantized",
     "model_bytes",
+    "native",
     "quantize_model",
     "relative_error",
-    "native",
     "select",
 ]  # fmt: skip

@@ -7,12 +7,12 @@ product."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import choices
-
-INT4_BLOCK = 64  # rows per block of torch._convert_weight_to_int4pack_for_cpu's layout
 
 
 def float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,19 +37,24 @@ def fused_float_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     return y.to(x.dtype).reshape(1, -1)
 
 
+def mm_weight_chunks(x2: torch.Tensor, n: int, chunk_rows: int, dtype: torch.dtype, weight_rows) -> torch.Tensor:
+    """``x2 @ W.T`` for a weight of ``n`` rows stored in some other form: ``weight_rows(rows, xd)`` returns the
+    product of ``xd`` (``x2`` in ``dtype``) with the rows ``rows`` (a slice) made float; ``chunk_rows`` rows at a
+    time (0: all), so the temporary is one chunk; the result in ``x2``'s dtype. The loop of every chunked prefill
+    product (bf16 cast to fp32, int8 and int4 codes made float)."""
+    xd = x2.to(dtype)
+    step = chunk_rows if 0 < chunk_rows < n else n
+    outs = [weight_rows(slice(i, min(i + step, n)), xd).to(x2.dtype) for i in range(0, n, step)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
 def float_mm_chunks(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, chunk_rows: int = 0,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
     """``x2 @ w.T (+ bias)`` for a bf16 ``w`` through the GEMM of ``dtype``: ``chunk_rows`` weight rows (0: all) cast at
     a time (the temporary is one chunk), the result in ``x2``'s dtype. The candidate ``fp32`` of bf16 prefill: on a
     CPU without bf16 GEMM instructions (AVX2) the bf16 GEMM runs ~4x slower than this (docs/quant.md)."""
-    xd = x2.to(dtype)
-    n = w.shape[0]
-    step = chunk_rows if 0 < chunk_rows < n else n
-    outs = []
-    for i in range(0, n, step):
-        rows = slice(i, min(i + step, n))
-        outs.append(F.linear(xd, w[rows].to(dtype), None if bias is None else bias[rows].to(dtype)).to(x2.dtype))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return mm_weight_chunks(x2, w.shape[0], chunk_rows, dtype, lambda rows, xd: F.linear(
+        xd, w[rows].to(dtype), None if bias is None else bias[rows].to(dtype)))
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,22 +82,41 @@ def int8_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.T
 
 def int4_cpu_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
     """The 4-bit codes ``[N, K]`` (uint8, 0..15) of ``torch._convert_weight_to_int4pack_for_cpu``'s output
-    ``packed`` ``[N, K/2]``, for a slice of whole 64-row blocks plus at most one tail (what ``Int4Linear`` stores).
+    ``packed`` ``[N, K/2]``, for a slice of whole blocks plus at most one tail (what ``Int4Linear`` stores: chunks of
+    64-row multiples).
 
-    The layout, as read back from the converter: rows go in blocks of 64; a block's ``64 * K / 2`` bytes are ``K``
-    runs of 32 bytes, run ``k`` holding column ``k`` of the block's rows ``j`` (low nibble) and ``32 + j`` (high
-    nibble). A last block of ``t < 64`` rows (a multiple of 16) is ``K`` runs of ``t / 2`` bytes, byte ``j`` holding
-    rows ``2j`` (low) and ``2j + 1`` (high). ``tests/test_kernel_select.py`` checks this against the converter."""
+    The layout, as read back from the converter: rows go in blocks of ``B`` (``int4_cpu_block()``: 64 where torch's
+    CPU capability is AVX-512, 32 with AVX2 — the converter packs for the kernel of the running ISA); a block's
+    ``B * K / 2`` bytes are ``K`` runs of ``B / 2`` bytes, run ``k`` holding column ``k`` of the block's rows ``j``
+    (low nibble) and ``B / 2 + j`` (high nibble). A last block of ``t < B`` rows (a multiple of 16) is ``K`` runs of
+    ``t / 2`` bytes, byte ``j`` holding rows ``2j`` (low) and ``2j + 1`` (high). ``tests/test_kernel_select.py``
+    checks this against the converter."""
+    return _int4_codes(packed, k, int4_cpu_block())
+
+
+def _int4_codes(packed: torch.Tensor, k: int, block: int) -> torch.Tensor:
     n = packed.shape[0]
-    full = n // INT4_BLOCK * INT4_BLOCK
+    full = n // block * block
     parts = []
     if full:
-        b = packed[:full].reshape(full // INT4_BLOCK, k, INT4_BLOCK // 2)
+        b = packed[:full].reshape(full // block, k, block // 2)
         parts.append(torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(full, k))
     if full < n:
         t = packed[full:].reshape(k, (n - full) // 2)
         parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(k, n - full).t())
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+@functools.cache
+def int4_cpu_block() -> int:
+    """Rows per block of this process's int4 CPU packing, read off the converter itself (one 128x32 probe): the
+    block size whose decoding gives the probe back. Raises where none does (a torch with a layout not known here)."""
+    q = torch.randint(0, 16, (128 + 16, 32), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32):
+        if torch.equal(_int4_codes(packed, 32, block).int(), q):
+            return block
+    raise RuntimeError("torch's int4 CPU packing has a layout fmchat does not know")
 
 
 def int4_dequant(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.kernels_quant.*)
 )
 from .common import HAS_INT4_CPU, QuantizedLinear, row_chunks
-from .gemv import int4_cpu_codes, int4_dequant
+from .gemv import int4_cpu_codes, int4_dequant, mm_weight_chunks
 
 INT4_GROUP = 32
 
@@ -79,16 +79,9 @@ class Int4Linear(QuantizedLinear):
     def mm_float_chunks(self, x2: torch.Tensor, chunk_rows: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x2 @ W.T`` through the float GEMM of ``dtype`` (default ``x2``'s), ``chunk_rows`` weight rows (a multiple of
         64, the packed layout's blocks; 0: all) dequantized at a time; the result in ``x2``'s dtype. CPU layout only."""
-        dtype = dtype or x2.dtype
-        xd = x2.to(dtype)
-        n, k = self.out_features, self.in_features
-        step = chunk_rows if 0 < chunk_rows < n else n
-        outs = []
-        for i in range(0, n, step):
-            rows = slice(i, min(i + step, n))
-            w = int4_dequant(int4_cpu_codes(self.weight_int4[rows], k), self.scales_zeros[:, rows], self.group_size, dtype)
-            outs.append(F.linear(xd, w).to(x2.dtype))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        dtype, k = dtype or x2.dtype, self.in_features
+        return mm_weight_chunks(x2, self.out_features, chunk_rows, dtype, lambda rows, xd: F.linear(xd, int4_dequant(
+            int4_cpu_codes(self.weight_int4[rows], k), self.scales_zeros[:, rows], self.group_size, dtype)))
 
     def dequantize(self):
         if self.layout == "cpu":  # the packed layout is the kernel's own: read it back through the kernel

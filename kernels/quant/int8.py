@@ -11,7 +11,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.kernels_quant.*)
 )
 from .common import HAS_INT8_MM, QuantizedLinear, row_chunks
-from .gemv import int8_gemv
+from .gemv import int8_gemv, mm_weight_chunks
 
 
 class Int8Linear(QuantizedLinear):
@@ -65,14 +65,8 @@ class Int8Linear(QuantizedLinear):
         are exact in bf16), the per-row scales applied to the product (as the packed kernel does); the result in
         ``x2``'s dtype. The temporary is one chunk of weights."""
         dtype = dtype or x2.dtype
-        xd = x2.to(dtype)
-        n = self.out_features
-        step = chunk_rows if 0 < chunk_rows < n else n
-        outs = []
-        for i in range(0, n, step):
-            rows = slice(i, min(i + step, n))
-            outs.append((F.linear(xd, self.weight_int8[rows].to(dtype)) * self.scales[rows].to(dtype)).to(x2.dtype))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return mm_weight_chunks(x2, self.out_features, chunk_rows, dtype, lambda rows, xd: F.linear(
+            xd, self.weight_int8[rows].to(dtype)) * self.scales[rows].to(dtype))
 
     _cuda_op: bool | None = None
 
