@@ -181,3 +181,26 @@ def test_header_names_the_decode_path_and_the_chosen_kernels(capsys):
         assert "kernels  [int8 row] int8: 1 row" in text and "kernels  [bf16 row] n/a" in text and "decode   n/a" in text
     finally:
         select.reset()
+
+
+def test_bench_quant_header_names_each_workers_kernels(tiny_model):
+    """`fmchat bench quant` loads each scheme in its own process: the header names the kernels each worker chose (its
+    own kernel selection) and its decode path, not the parent's defaults; the int8 row is measured against fp32."""
+    from typer.testing import CliRunner
+
+    from fmchat.cli import app
+
+    args = ["bench", "quant", "--model", str(tiny_model), "--schemes", "fp32,int8", "--turns", "2", "--max-new-tokens", "4",
+            "--threads", "1", "--json"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout.splitlines()[-1])
+    k = result["header"]["kernels"]
+    assert set(k) == {"fp32", "int8"}
+    assert k["int8"]["line"].startswith("int8: 1 row ") and k["int8"]["int8"]["one_row_eager"] in ("int8pack", "q8", "f32")
+    assert k["int8"]["source"] in ("measured", "cached")  # the worker's own selection, not the parent's defaults
+    assert result["header"]["decode_path"] == "eager (fp32, int8)"
+    int8 = next(s for s in result["schemes"] if s["scheme"] == "int8")
+    assert int8["agree_total"] > 0 and int8["kernels"] == k["int8"]
+    # the decode-step count runs the same reply tokens through one-token steps
+    assert int8["step_agree_total"] == int8["agree_total"] and 0 <= int8["step_agree_tokens"] <= int8["step_agree_total"]

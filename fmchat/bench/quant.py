@@ -4,8 +4,9 @@ Per scheme: weights bytes (parameters + buffers), RSS after load and peak RSS (i
 scheme's peak does not hide another's), decode tok/s over a greedy scripted conversation, perplexity on a
 fixed public-domain English text (data/, non-overlapping windows, float32 log-softmax), and greedy-token
 agreement with the unquantized (fp32) model: the reference's greedy replies are fed back teacher-forced
-and we count the reply tokens whose top-1 prediction is the same; also how many whole replies came out
-token-identical when each scheme generated freely.
+and we count the reply tokens whose top-1 prediction is the same — once in one many-row forward per turn (the
+prefill's products), once one token at a time (the decode path's one-row products, which may differ: ``q8`` rounds
+the activations to int8); also how many whole replies came out token-identical when each scheme generated freely.
 """
 
 from __future__ import annotations
@@ -74,6 +75,31 @@ def teacher_forced_agreement(backend, ref_turns: list[dict]) -> tuple[int, int]:
     return same, total
 
 
+def decode_step_agreement(backend, ref_turns: list[dict]) -> tuple[int, int]:
+    """As ``teacher_forced_agreement``, but through the decode path: each turn's prompt prefilled, then the reference's
+    reply fed one token at a time (``backend.forward``), each step's top-1 compared with the reference's next token.
+    The one-row products (the kernels a reply is generated with: ``q8`` quantizes the activations) are what this
+    measures; the teacher-forced count runs the prefill's many-row products."""
+    same = total = 0
+    cached: list[int] = []
+    for t in ref_turns:
+        prompt, reply = t["prompt_ids"], t["reply_ids"]
+        if not reply:
+            continue
+        keep = 0  # the reused prefix (the earlier turns), minus one token so the prompt's last logits are computed
+        while keep < min(len(cached), len(prompt) - 1) and cached[keep] == prompt[keep]:
+            keep += 1
+        backend.truncate(keep)
+        logits = backend.forward(prompt[keep:])
+        for tok in reply:
+            same += int(int(logits.argmax()) == tok)
+            total += 1
+            logits = backend.forward([tok])
+        cached = prompt + reply
+    backend.truncate(0)
+    return same, total
+
+
 def worker(label: str, model: str | None, turns: list[str], max_new_tokens: int, threads: int | None, ref_path: str | None) -> dict:
     import psutil
 
@@ -118,12 +144,15 @@ def worker(label: str, model: str | None, turns: list[str], max_new_tokens: int,
         "quantized_layers": len(qr.quantized) if qr else 0,
         "kept_layers": qr.skipped if qr else [],
         "embedding": next((q for q in qr.quantized if "embed" in q), None) if qr else None,
+        "decode_path": backend.decode_path,
+        "kernels": report.kernel_choices(),  # chosen at this worker's load: the parent loads no model
         "conversation": conv,
     }
     if ref_path:
         ref = json.loads(Path(ref_path).read_text())
         same, total = teacher_forced_agreement(backend, ref["conversation"])
         out["agree_tokens"], out["agree_total"] = same, total
+        out["step_agree_tokens"], out["step_agree_total"] = decode_step_agreement(backend, ref["conversation"])
         out["identical_replies"] = sum(a["reply_ids"] == b["reply_ids"] for a, b in zip(conv, ref["conversation"]))
     return out
 
@@ -158,7 +187,8 @@ def bench_quant(model: str | None, turns: list[str], *, schemes=tuple(ROWS), max
         for label in schemes:
             if label != REFERENCE:
                 rows[label] = _run_worker(label, model, turns, max_new_tokens, threads, ref_path, tmp, log)
-        rows[REFERENCE]["agree_tokens"] = rows[REFERENCE]["agree_total"] = None
+        for what in ("agree", "step_agree"):
+            rows[REFERENCE][f"{what}_tokens"] = rows[REFERENCE][f"{what}_total"] = None
         rows[REFERENCE]["identical_replies"] = len(turns)
     for r in rows.values():
         r.pop("conversation", None)
@@ -174,7 +204,15 @@ def bench_quant(model: str | None, turns: list[str], *, schemes=tuple(ROWS), max
     from fmchat.backends.base import default_threads
 
     # the schemes ran in worker processes, each with set_threads(threads): one per physical core when None
-    return report.emit(run, result, json_out, lambda: print_tables(result, rows, turns), threads=threads or default_threads())
+    return report.emit(run, result, json_out, lambda: print_tables(result, rows, turns), threads=threads or default_threads(),
+                       decode_path=report.decode_paths({k: r["decode_path"] for k, r in rows.items()}),
+                       kernels={k: r["kernels"] for k, r in rows.items()})  # fmt: skip
+
+
+def _share(r: dict, what: str) -> str:
+    """``agree`` or ``step_agree`` of a row as ``96.8% (604/624)``; n/a without reply tokens to compare."""
+    same, total = r.get(f"{what}_tokens"), r.get(f"{what}_total")
+    return f"{same / total:.1%} ({same}/{total})" if total else "n/a"
 
 
 def print_tables(result: dict, rows: dict, turns: list[str]) -> None:
@@ -184,20 +222,15 @@ def print_tables(result: dict, rows: dict, turns: list[str]) -> None:
     table = Table(title=f"fmchat bench quant · {result['model']} · cpu · threads {result['threads'] or 'default'} · "
                   f"{len(turns)} turns × ≤{result['max_new_tokens']} tokens · ppl on {TEXT.name}")  # fmt: skip
     for col in ("scheme", "weights MiB", "vs bf16", "RSS loaded MiB", "peak RSS MiB", "decode tok/s", "perplexity",
-                "top-1 agree vs fp32", "same replies"):  # fmt: skip
+                "top-1 agree vs fp32", "same, decode steps", "same replies"):  # fmt: skip
         table.add_column(col, justify="right")
     bf = rows.get("bf16", rows[REFERENCE])
     for r in rows.values():
-        if r["scheme"] == REFERENCE:
-            agree = "reference"
-        elif r.get("agree_total"):
-            agree = f"{r['agree_tokens'] / r['agree_total']:.1%} ({r['agree_tokens']}/{r['agree_total']})"
-        else:
-            agree = "n/a"  # no reply tokens to compare
+        agree, step = (_share(r, "agree"), _share(r, "step_agree")) if r["scheme"] != REFERENCE else ("reference",) * 2
         table.add_row(
             r["scheme"], f"{r['weights_bytes'] / 2**20:.1f}", f"{r['weights_bytes'] / bf['weights_bytes']:.3f}",
             f"{r['rss_loaded_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
-            f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "n/a", f"{r['perplexity']:.3f}", agree,
+            f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "n/a", f"{r['perplexity']:.3f}", agree, step,
             f"{r['identical_replies']}/{len(turns)}",
         )  # fmt: skip
     console = Console(highlight=False, width=160)
