@@ -158,3 +158,20 @@ def build_scripted_model(path: Path, tokenizer, reply: str, seed: int = 0) -> Pa
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def compile_recording_graphs(fn):
+    """``fn`` compiled by inductor (fullgraph, static shapes) after a fresh ``torch._dynamo.reset()``, and the list
+    its traced graphs are appended to as text (to check which kernel the trace called)."""
+    import torch
+
+    graphs: list[str] = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False), graphs

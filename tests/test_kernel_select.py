@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import compile_recording_graphs
 
 from fmchat_kernels import quant as kq
 from fmchat_kernels.quant import select
@@ -178,17 +179,9 @@ def test_compiled_int8_layer_follows_its_shape_s_choice():
     want = x.double() @ layer.dequantize().double().t()
     for by_shape, opaque in (({"192x128": "int8pack"}, True), ({"128x192": "int8pack"}, False)):  # (set by hand)
         select.use({"int8": {"one_row_compiled": "fused", "one_row_compiled_by_shape": by_shape}})
-        graphs = []
-
-        def backend(gm, inputs, graphs=graphs):
-            graphs.append(str(gm.graph))
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, inputs)
-
-        torch._dynamo.reset()
+        step, graphs = compile_recording_graphs(lambda v: layer(v))
         with torch.inference_mode():
-            got = torch.compile(lambda v: layer(v), backend=backend, fullgraph=True, dynamic=False)(x)
+            got = step(x)
         _close(got, want)
         assert ("kernels_quant.int8pack_mm" in graphs[0]) == opaque, graphs[0]
     assert "int8pack for 128x192" in select.describe(["int8"])
@@ -304,18 +297,10 @@ def test_compiled_one_row_candidates_match_and_follow_the_choice(fmt):
         choices, opaque = ("fused", "linear"), None
     for choice in choices:
         select.use({fmt: {"one_row_compiled": choice}})
-        graphs = []
-
-        def backend(gm, inputs, graphs=graphs):
-            graphs.append(str(gm.graph))
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, inputs)
-
         fn = (lambda v: layer(v)) if fmt == "int8" else (lambda v: kq.float_gemv(v, layer.weight))
-        torch._dynamo.reset()
+        step, graphs = compile_recording_graphs(fn)
         with torch.inference_mode():
-            got = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(x)
+            got = step(x)
         _close(got, want)
         if opaque:
             assert (opaque in graphs[0]) == (choice == "int8pack"), graphs[0]

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import compile_recording_graphs
 
 from fmchat_kernels import quant as kq
 from fmchat_kernels.quant import native, select
@@ -108,18 +109,10 @@ def test_the_layer_takes_the_chosen_native_kernel_eagerly_and_compiled(loaded):
     want = x.double() @ layer.dequantize().double().t()
     for kernel in select.NATIVE:
         select.use({"int8": {"one_row_eager": kernel, "one_row_compiled": kernel}})
-        graphs = []
-
-        def backend(gm, inputs, graphs=graphs):
-            graphs.append(str(gm.graph))
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, inputs)
-
-        torch._dynamo.reset()
+        step, graphs = compile_recording_graphs(lambda v: layer(v))
         with torch.inference_mode():
             eager = layer(x)
-            compiled = torch.compile(lambda v: layer(v), backend=backend, fullgraph=True, dynamic=False)(x)
+            compiled = step(x)
             many = layer(x.repeat(5, 1))
         op = native.one_row(kernel, x, layer.weight_int8, layer.scales)
         assert torch.equal(eager, op)
