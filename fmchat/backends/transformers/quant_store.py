@@ -10,7 +10,7 @@ An entry is ``<cache dir>/quantized/<key digest>/`` with ``weights.safetensors``
 safetensors reader opens it) and ``meta.json`` (the key in clear, the file's size), written last: an entry without
 it does not count. The key holds the weights' folder and files (name, size, mtime, and the config), the scheme, the
 dtype, the device, this format, a hash of the quantizer's code (``QUANTIZER_FILES``) and the torch version (int4's
-CPU layout is torch's), for int4 also torch's CPU capability (the layout depends on it).
+CPU layout is torch's), for int4 also the rows per block of torch's packing (64 with AVX-512, 32 with AVX2).
 
 Loading rebuilds the quantized model's structure with ``quantize_model`` itself, on the meta device (which layers
 are quantized, the tied head, the embedding store: the same code as a fresh quantization, so the two cannot drift),
@@ -86,8 +86,10 @@ def entry(weights: Path, quant: str, dtype: torch.dtype, device: str) -> compile
         "code": _quantizer_hash(),
         "torch": torch.__version__,
     }
-    if quant == "int4":  # torch packs int4 for the running ISA's kernel (64-row blocks with AVX-512, 32 with AVX2)
-        key["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if quant == "int4":  # torch packs int4 for the running ISA's kernel: the codes hold its block size
+        from fmchat_kernels.quant.gemv import int4_cpu_block
+
+        key["int4_cpu_block"] = int4_cpu_block()
     return compile_cache.Entry(key, base=paths.quantized_dir(), artifact=FILE)
 
 
