@@ -179,7 +179,7 @@ def compile_recording_graphs(fn):
 
 # The files that take longest (the real models over the shared conversation, compiled steps) are handed out first:
 # with pyproject's `-n 2 --dist loadfile`, left in name order they ran side by side at the end while the other
-# worker had nothing left to do (22 min; 14 min in this order, on 2 cores).
+# worker had nothing left to do (22 min; 18.5 min in this order; 28 min in one process; 2 cores, 2026-12-02).
 HEAVY_FIRST = ("test_e2e.py", "test_second_arch.py", "test_decode.py", "test_backends.py", "test_native_kernels.py",
                "test_decode_auto.py", "test_decode_aot.py", "test_kernels_attention.py", "test_quant.py")  # fmt: skip
 
